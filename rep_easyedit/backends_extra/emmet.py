@@ -1,0 +1,253 @@
+"""EMMET for EasyEdit builds that lack it, written from the paper.
+
+Gupta, Sajnani, Anumanchipalli (2024), "A Unified Framework for Model Editing". The
+preservation-memorisation objective with *equality* constraints for a batch of B edits:
+
+    min_Ŵ ‖Ŵ K0 − W K0‖²   subject to   Ŵ K_E = V_E
+
+(K0: keys to preserve, C0 = K0 K0ᵀ; K_E: d×B, one averaged key k* per edit; V_E: the values the
+value optimisation finds). Its closed form is
+
+    Δ = (V_E − W K_E) (K_Eᵀ C0⁻¹ K_E)⁻¹ K_Eᵀ C0⁻¹ .
+
+As implemented here (with `R = V_E − W K_E − b`):
+
+    Δ = R (λ I_B + K_Eᵀ C0⁻¹ K_E)⁻¹ (C0⁻¹ K_E)ᵀ ,       λ = emmet_lambda
+
+i.e. λ is added to the diagonal of the B×B matrix `K_Eᵀ C0⁻¹ K_E` (as upstream EasyEdit does, to
+counter an ill-conditioned batch); λ → 0 gives the exact constrained solution `W' K_E = V_E`
+when the keys are linearly independent. If the B×B system is singular (λ = 0 and dependent
+keys) the pseudo-inverse is used. Linear solves, no explicit inverse of C0.
+
+    C0 = mom2_update_weight · E[k kᵀ] + update_norm_lambda · I     (mom2_adjustment: true)
+    C0 = mom2_update_weight · I       + update_norm_lambda · I     (mom2_adjustment: false)
+
+`update_norm_lambda` is the weight of a ‖Δ‖² penalty (min ‖ΔK0‖² + μ‖Δ‖² gives C0 + μI);
+`mom2_update_weight` scales the preservation term (it only matters relative to λ and μ).
+
+Keys: MEMIT's `compute_ks` (the subject's last-token key averaged within each group of
+context templates, then over groups; templates from MEMIT's `get_context_templates`), or ROME's
+`repr_tools` for `fact_token: last`. Values: the value optimisation of the installed ROME
+(`compute_v`), which adds a shift `d` at the MLP output at the fact token; legacy MEMIT's
+`compute_z` cannot run under transformers ≥ 5 (it indexes `output[0]` of a decoder layer, now a
+tensor). For one layer (upstream's EMMET setting, e.g. `layers: [5]`) the residual is that
+shift, `R = D` (so `V_E = W K_E + b + D`, MEMIT's convention: every context's output moves by
+`d`, hence so does their mean `W k*`). For several layers the residual is spread MEMIT-style:
+`z = h_L + d` at the last layer's output, and layer i (in order, earlier edits in place) gets
+`R_i = (z − h_L^current) / (L − i)`.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import r_rome as _c
+
+LOG = logging.getLogger(__name__)
+
+ALG_NAME = "EMMET"
+
+
+@dataclass
+class EMMETHyperParams:
+    """Field names as in upstream EasyEdit's `EMMETHyperParams`."""
+
+    # Method
+    layers: List[int]
+    layer_selection: str          # "all" | "random" (upstream's field; every layer here is edited)
+    fact_token: str
+    v_num_grad_steps: int
+    v_lr: float
+    v_loss_layer: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    mom2_adjustment: bool
+    mom2_update_weight: float
+
+    # Module templates
+    rewrite_module_tmp: str
+    layer_module_tmp: str
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+
+    # Statistics
+    mom2_dataset: str
+    mom2_n_samples: int
+    mom2_dtype: str
+    alg_name: str
+    device: Any
+    model_name: Any
+    stats_dir: str
+
+    max_length: int = 40
+    batch_size: int = 1
+    model_parallel: bool = False
+    fp16: bool = False
+
+    calculate_objective_value: bool = False
+    update_norm_lambda: float = 0.0
+    emmet_lambda: float = 0.1
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path) -> "EMMETHyperParams":
+        return _c.load_hparams_yaml(cls, hparams_name_or_path, ALG_NAME)
+
+
+def get_context_templates(model, tok) -> List[List[str]]:
+    """MEMIT's grouped random-prefix templates ([["{}"], [five prefixes]]), from the installed MEMIT."""
+    from ..compat.easyedit import shims_applied
+
+    memit_main = _c._ee_module("models.memit.memit_main")
+    with shims_applied():
+        return [list(g) if not isinstance(g, str) else [g]
+                for g in memit_main.get_context_templates(model, tok)]
+
+
+def emmet_update(residual: torch.Tensor, keys: torch.Tensor, c0: Optional[torch.Tensor],
+                 emmet_lambda: float) -> torch.Tensor:
+    """Δ = R (λI + Kᵀ C0⁻¹ K)⁻¹ (C0⁻¹ K)ᵀ.  residual (out, B), keys (in, B), c0 (in, in) or None (= I)."""
+    dt = residual.dtype
+    keys = keys.to(dt)
+    cinv_k = keys if c0 is None else torch.linalg.solve(c0.to(device=keys.device, dtype=dt), keys)
+    gram = keys.T @ cinv_k
+    gram = (gram + gram.T) / 2
+    m = gram + emmet_lambda * torch.eye(gram.shape[0], dtype=dt, device=gram.device)
+    try:
+        x = torch.linalg.solve(m, cinv_k.T)                       # (B, in)
+    except RuntimeError:  # torch.linalg.LinAlgError: singular batch system
+        LOG.warning("EMMET: K_E^T C0^-1 K_E + lambda I is singular; using the pseudo-inverse")
+        x = torch.linalg.pinv(m) @ cinv_k.T
+    return residual @ x
+
+
+def preservation_matrix(model, tok, hparams, layer: int, dim: int, device, dtype) -> Optional[torch.Tensor]:
+    """C0 of the module docstring; None when it is exactly the identity."""
+    w_mom2 = float(hparams.mom2_update_weight)
+    mu = float(getattr(hparams, "update_norm_lambda", 0.0) or 0.0)
+    eye = torch.eye(dim, dtype=dtype, device=device)
+    if hparams.mom2_adjustment:
+        c0 = _c.second_moment(model, tok, hparams, layer).to(device=device, dtype=dtype) * w_mom2
+        return c0 + mu * eye if mu else c0
+    if w_mom2 + mu <= 0:
+        raise ValueError("EMMET: with mom2_adjustment false, mom2_update_weight + update_norm_lambda "
+                         "must be > 0")
+    return None if w_mom2 + mu == 1.0 else (w_mom2 + mu) * eye
+
+
+@dataclass
+class EMMETUpdate:
+    layer: int
+    weight_name: str
+    keys: torch.Tensor       # K_E (in, B)
+    values: torch.Tensor     # V_E (out, B) = W K_E + b + R, with W before this layer's update
+    residual: torch.Tensor   # R (out, B)
+    delta: torch.Tensor      # (out, in)
+    objective: Optional[dict] = None
+
+
+def batch_keys(model, tok, requests: List[dict], hparams, layer: int, groups) -> torch.Tensor:
+    """K_E as (in, B): MEMIT's compute_ks for subject_* fact tokens, ROME's repr_tools for 'last'."""
+    if hparams.fact_token.startswith("subject_"):
+        compute_ks = _c._ee_module("models.memit.compute_ks")
+        ks = compute_ks.compute_ks(model, tok, requests, hparams, layer, groups)
+        return ks.float().T
+    return torch.stack([_c.average_key(model, tok, r, hparams, layer, groups) for r in requests], 1)
+
+
+def _layer_outputs(model, tok, requests, hparams, layer: int) -> torch.Tensor:
+    """Residual stream (decoder layer output) at each request's fact token, unprefixed: (hidden, B)."""
+    out = _c.reprs_at_fact_token(model, tok, [r["prompt"] for r in requests],
+                                 [r["subject"] for r in requests], layer,
+                                 hparams.layer_module_tmp, hparams.fact_token, track="out")
+    return out.float().T
+
+
+def execute_emmet(model, tok, requests, hparams, context_templates=None) -> Dict[str, EMMETUpdate]:
+    """Compute the EMMET update(s) for a batch of requests; the model is left unchanged."""
+    requests = [_c.normalise_request(r) for r in _c.as_request_list(requests)]
+    if not requests:
+        raise ValueError("EMMET: no requests")
+    layers = list(hparams.layers)
+    if not layers:
+        raise ValueError("EMMET: hparams.layers is empty")
+    if context_templates is None:
+        context_templates = get_context_templates(model, tok)
+    groups = _c.template_groups(context_templates)
+    flat = _c.flat_templates(groups)
+    lam = float(hparams.emmet_lambda)
+    if lam < 0:
+        raise ValueError(f"emmet_lambda must be >= 0, got {lam}")
+
+    updates: Dict[str, EMMETUpdate] = {}
+    originals: Dict[str, tuple] = {}
+    try:
+        with _c.legacy_context(tok):
+            z_layer = layers[-1]
+            # the value optimisation, once per request, at the last edited layer
+            shifts = []
+            for r in requests:
+                v_star, _k_p, out_p = _c.optimise_value(model, tok, r, hparams, z_layer, flat)
+                shifts.append(v_star - out_p)
+            shifts = torch.stack(shifts, 1)                       # D: (out, B)
+            z = _layer_outputs(model, tok, requests, hparams, z_layer) + shifts if len(layers) > 1 else None
+
+            for i, layer in enumerate(layers):
+                w = _c.edited_weight(model, hparams, layer)
+                originals.setdefault(w.name, (w, w.param.detach().clone()))
+                dev = w.param.device
+                dt = _c.linalg_dtype(dev)
+                keys = batch_keys(model, tok, requests, hparams, layer, groups).to(device=dev, dtype=dt)
+                if len(layers) == 1:
+                    residual = shifts.to(device=dev, dtype=dt)
+                else:
+                    cur = _layer_outputs(model, tok, requests, hparams, z_layer)
+                    residual = ((z - cur) / (len(layers) - i)).to(device=dev, dtype=dt)
+                values = w.output(keys) + residual
+                c0 = preservation_matrix(model, tok, hparams, layer, keys.shape[0], dev, dt)
+                delta = emmet_update(residual, keys, c0, lam)
+                objective = None
+                if getattr(hparams, "calculate_objective_value", False):
+                    c = c0 if c0 is not None else torch.eye(keys.shape[0], dtype=dt, device=dev)
+                    objective = {
+                        "preservation": torch.sum((delta @ c) * delta).item(),   # tr(Δ C0 Δᵀ)
+                        "memorization": (residual - delta @ keys).norm().item(),  # ‖W'K_E − V_E‖
+                    }
+                    LOG.info("EMMET layer %d objective: %s", layer, objective)
+                LOG.info("EMMET layer %d: %d edits, |R|=%.4g |delta|=%.4g", layer, keys.shape[1],
+                         residual.norm().item(), delta.norm().item())
+                _c.add_update(w, delta)
+                updates[w.name] = EMMETUpdate(layer, w.name, keys, values, residual, delta, objective)
+    finally:
+        with torch.no_grad():
+            for w, orig in originals.values():
+                w.param.copy_(orig)
+    return updates
+
+
+def apply_emmet_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
+                         keep_original_weight=False, **kwargs):
+    """EasyEdit's contract: returns (model, weights_copy); a batch of requests per call.
+
+    `weights_copy` holds the original value of every edited parameter whenever
+    `return_orig_weights` is true (upstream's EMMET returns it only with `keep_original_weight`,
+    so its edits are never undone by the editor). Extra keyword: `context_templates`.
+    """
+    if copy:
+        model = _copy.deepcopy(model)
+    updates = execute_emmet(model, tok, requests, hparams,
+                            context_templates=kwargs.get("context_templates"))
+    weights_copy = {}
+    for name, upd in updates.items():
+        w = _c.edited_weight(model, hparams, upd.layer)
+        if return_orig_weights and name not in weights_copy:
+            weights_copy[name] = w.param.detach().clone()
+        _c.add_update(w, upd.delta)
+    return model, weights_copy

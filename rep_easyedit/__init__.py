@@ -1,0 +1,22 @@
+"""REP (Robust Edit Pathway, Yan et al. ACL 2025) for EasyEdit.
+
+`import rep_easyedit` registers REP-ROME (and the other REP backends the installed EasyEdit can
+run) with EasyEdit, so `BaseEditor.from_hparams(REPHyperParams.from_hparams(yaml))` works as for
+any EasyEdit method.
+"""
+
+from .adapter import GatedLowRankAdapter
+from .config import REPConfig
+from .hparams import HParamsError, REPHyperParams
+from .pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
+from .registration import register
+from .rep_main import LayoutError, apply_rep_to_model
+from .requests import EditRequestError
+
+REGISTERED = register()
+
+__all__ = [
+    "GatedLowRankAdapter", "RobustEditPathway", "REPConfig", "REPHyperParams", "HParamsError",
+    "EditRequestError", "LayoutError", "apply_rep_to_model", "installed_paths", "prune_inactive",
+    "remove_pathways", "register", "REGISTERED",
+]

@@ -1,0 +1,81 @@
+"""The locate-and-edit backends REP wraps, taken from the installed EasyEdit.
+
+A backend is EasyEdit's own `apply_X_to_model`, its hparams dataclass and its context templates
+(the random prefixes it averages k* over, which the adapter also trains on).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from .compat.easyedit import easyeditor, installed_algorithm
+
+
+class BackendUnavailable(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    apply: Callable
+    hparams_cls: type
+    context_templates: Callable  # (model, tok, backend_hparams) -> list[str] with one "{}"
+    max_batch: int | None         # None: any number of requests per call
+
+
+def _length_param_templates(alg: str):
+    """ROME-style: `get_context_templates(model, tok, length_params)` -> flat list."""
+    def templates(model, tok, hp):
+        mod = importlib.import_module(_module_of(installed_algorithm(alg)))
+        return _flat(mod.get_context_templates(model, tok, hp.context_template_length_params))
+    return templates
+
+
+def _grouped_templates(alg: str):
+    """MEMIT-style: `get_context_templates(model, tok)` -> templates grouped by length."""
+    def templates(model, tok, hp):
+        mod = importlib.import_module(_module_of(installed_algorithm(alg)))
+        return _flat(mod.get_context_templates(model, tok))
+    return templates
+
+
+def _flat(templates) -> list[str]:
+    return [t for group in templates for t in (group if isinstance(group, list) else [group])]
+
+
+def _module_of(fn) -> str:
+    return getattr(fn, "__rep_easyedit_original__", fn).__module__
+
+
+def _hparams_class(alg: str, class_name: str):
+    ee = easyeditor()
+    cls = getattr(ee, class_name, None)
+    if cls is None:
+        mod = importlib.import_module(_module_of(installed_algorithm(alg)))
+        pkg = importlib.import_module(mod.__name__.rsplit(".", 1)[0])
+        cls = getattr(pkg, class_name, None)
+    return cls
+
+
+_SPECS = {
+    "ROME": ("ROMEHyperParams", _length_param_templates("ROME"), 1),
+    "R-ROME": ("R_ROMEHyperParams", _length_param_templates("R-ROME"), 1),
+    "MEMIT": ("MEMITHyperParams", _grouped_templates("MEMIT"), None),
+    "EMMET": ("EMMETHyperParams", _grouped_templates("EMMET"), None),
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _SPECS:
+        raise BackendUnavailable(f"no REP backend {name!r}; available: {sorted(_SPECS)}")
+    apply = installed_algorithm(name)
+    class_name, templates, max_batch = _SPECS[name]
+    cls = _hparams_class(name, class_name) if apply is not None else None
+    if apply is None or cls is None:
+        raise BackendUnavailable(
+            f"the installed EasyEdit has no {name} ({class_name}); install an EasyEdit that "
+            f"provides it or pick another REP-<backend>")
+    return Backend(name, apply, cls, templates, max_batch)

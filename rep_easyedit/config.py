@@ -1,0 +1,48 @@
+"""The `rep:` section of a REP hparams YAML, as a dataclass validated by OmegaConf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+TRAIN_ON_CHOICES = ("subject", "rephrase", "shuffle", "long")
+
+
+@dataclass
+class REPConfig:
+    # adapter
+    rank: int = 32                 # bottleneck r of D -> r -> D
+    gate_ratio: float = 0.1        # gate hidden size = ceil(gate_ratio * D)
+    tau: float = 0.9               # hard-gate threshold at inference
+    # training
+    steps: int = 100
+    lr: float = 1e-3
+    alpha: float = 1.0             # weight of the consistency loss
+    gate_weight: float = 1.0       # weight of the gate BCE loss (0: no gate training, paper-style)
+    aggregation: str = "match"     # "match" (pull onto k*) or "cosine" (paper, whitened)
+    aggregation_abs: bool = False  # paper's |.| around the cosine
+    num_negatives: int = 1024      # gate negatives sampled per edit
+    corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
+    train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
+    # perturbations
+    n_shuffles: int = 10
+    n_long_contexts: int = 4
+    long_context_tokens: int = 512
+    # corpus for long contexts / negatives / covariance: text files; null = sampled from the model
+    corpus: Optional[List[str]] = None
+    seed: int = 0
+
+    def check(self) -> None:
+        bad = [t for t in self.train_on if t not in TRAIN_ON_CHOICES]
+        if bad:
+            raise ValueError(f"rep.train_on: unknown {bad}; choose from {list(TRAIN_ON_CHOICES)}")
+        if self.aggregation not in ("match", "cosine"):
+            raise ValueError(f"rep.aggregation: {self.aggregation!r}; use 'match' or 'cosine'")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"rep.tau must lie in (0, 1), got {self.tau}")
+        for name in ("rank", "steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
+                     "num_negatives", "corpus_negative_texts"):
+            if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
+                raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"rep.lr must be > 0, got {self.lr}")

@@ -1,0 +1,74 @@
+"""Editing outside `BaseEditor`: load any hparams file, edit, and always restore.
+
+The benchmark and examples use this to edit each case from the unedited model: the same
+`apply_X_to_model` EasyEdit's editor calls, then EasyEdit's own restore (`weights_copy` written
+back; for REP that also switches its adapters off), then the pathway is pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import OmegaConf
+
+from .compat.easyedit import installed_algorithm, shims_applied
+from .hparams import REP_PREFIX, REPHyperParams
+from .pathway import prune_inactive
+
+
+def load_hparams(path: str | Path):
+    """Hparams for any alg_name the plugin knows: REP-*, or a backend of the installed EasyEdit."""
+    import rep_easyedit  # noqa: F401 - registration
+    from .backends import get_backend
+
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    alg = raw.get("alg_name") if isinstance(raw, dict) else None
+    if isinstance(alg, str) and alg.startswith(REP_PREFIX):
+        return REPHyperParams.from_hparams(path)
+    if alg is None or installed_algorithm(alg) is None:
+        raise ValueError(f"{path}: unknown alg_name {alg!r}")
+    hparams = get_backend(alg).hparams_cls.from_hparams(str(path))
+    if isinstance(getattr(hparams, "stats_dir", None), str):
+        hparams.stats_dir = os.path.expanduser(hparams.stats_dir)
+    return hparams
+
+
+def apply_edit(model, tok, requests: list[dict], hparams):
+    """Run the algorithm named by `hparams.alg_name`; returns `weights_copy` (always captured)."""
+    import rep_easyedit  # noqa: F401
+
+    apply = installed_algorithm(hparams.alg_name)
+    if apply is None:
+        raise ValueError(f"alg_name {hparams.alg_name!r} is not registered with EasyEdit")
+    old = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        with shims_applied():
+            _, weights_copy = apply(model, tok, requests, hparams, copy=False,
+                                    return_orig_weights=True, keep_original_weight=True)
+    finally:
+        tok.padding_side = old
+    return weights_copy
+
+
+def restore(model, weights_copy: dict) -> None:
+    """EasyEdit's restore (write `weights_copy` back), then drop switched-off adapters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            params[name].copy_(value.to(params[name].device))
+    prune_inactive(model)
+
+
+@contextlib.contextmanager
+def edited(model, tok, requests: list[dict], hparams) -> Iterator[dict]:
+    """Edit for the duration of the block; the model is restored on exit, errors included."""
+    weights_copy = apply_edit(model, tok, requests, hparams)
+    try:
+        yield weights_copy
+    finally:
+        restore(model, weights_copy)

@@ -1,0 +1,226 @@
+"""`apply_rep_to_model`: EasyEdit's `apply_X_to_model` contract around an installed backend.
+
+Order of work: validate everything (requests, layout, covariance cache) → train one adapter per
+request and edited layer on cached keys → install the pathway → run the backend (its k*/v* are
+computed through the pathway) → return `weights_copy`, which also holds each new adapter's
+`active` switch, so EasyEdit's restore turns the pathway off with the weights. If anything fails,
+weights and hooks are put back as they were before the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as copy_module
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .adapter import GatedLowRankAdapter
+from .backends import get_backend
+from .compat.easyedit import editor_uses_sequential_flag, shims_applied
+from .hparams import REPHyperParams
+from .keys import collect_keys, subject_last_index
+from .pathway import detach_adapter, get_module, install, prune_inactive
+from .perturbations import Perturbations, build_perturbations, with_context, with_subject
+from .requests import validate_requests
+from .training import TrainingKeys, train_adapter
+
+
+class LayoutError(ValueError):
+    """The hparams name layers or modules the model does not have."""
+
+
+def _num_layers(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if cfg is not None and isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
+def edited_module_paths(model, base_hp) -> dict[int, str]:
+    """Layer → module path of each edited down-projection, checked against the model."""
+    layers = list(base_hp.layers)
+    if not layers:
+        raise LayoutError("hparams `layers` is empty; name at least one layer to edit")
+    n = _num_layers(model)
+    for layer in layers:
+        if not isinstance(layer, int) or layer < 0 or (n is not None and layer >= n):
+            raise LayoutError(f"hparams `layers` holds {layer}, outside the model's 0..{(n or 0) - 1}")
+    paths = {}
+    for layer in layers:
+        path = base_hp.rewrite_module_tmp.format(layer)
+        try:
+            module = get_module(model, path)
+        except LookupError as e:
+            raise LayoutError(str(e)) from None
+        if not hasattr(module, "weight"):
+            raise LayoutError(f"`rewrite_module_tmp` gives {path}, which has no weight to edit")
+        paths[layer] = path
+    return paths
+
+
+@contextlib.contextmanager
+def right_padding(tok) -> Iterator[None]:
+    """ROME-style backends index the last real token assuming right padding."""
+    old = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        yield
+    finally:
+        tok.padding_side = old
+
+
+def _prompt_filled(request: dict) -> str:
+    prompt = request["prompt"]
+    return prompt.replace("{}", request["subject"]) if "{}" in prompt else prompt
+
+
+def _variant_texts(request: dict, variants: list[str], templates: list[str], contexts: list[str]):
+    """(text, char_end of the variant) for each variant in each template and long context."""
+    prompt, subject = _prompt_filled(request), request["subject"]
+    start = prompt.index(subject)
+    out = []
+    for variant in variants:
+        prompt_v = with_subject(prompt, subject, variant)
+        end_in_prompt = start + len(variant)
+        for template in templates:
+            prefix = template.split("{}")[0]
+            out.append((template.replace("{}", prompt_v), len(prefix) + end_in_prompt))
+    for context in contexts:
+        text = with_context(context, prompt)
+        out.append((text, len(text) - len(prompt) + start + len(subject)))
+    return out
+
+
+def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -> list[str]:
+    variants = [request["subject"]] if "subject" in train_on else []
+    if "rephrase" in train_on:
+        variants += pert.rephrase_in
+    if "shuffle" in train_on:
+        variants += pert.shuffle_in
+    return list(dict.fromkeys(variants))
+
+
+def gather_training_keys(model, tok, request: dict, pert: Perturbations, templates: list[str],
+                         path: str, rep, corpus: list[str], rng: np.random.Generator) -> TrainingKeys:
+    variants = training_variants(request, pert, rep.train_on)
+    contexts = pert.long_in if "long" in rep.train_on else []
+    pos_texts = _variant_texts(request, variants, templates, contexts)
+    target_texts = _variant_texts(request, [request["subject"]], templates, [])
+    texts = [t for t, _ in pos_texts] + [t for t, _ in target_texts]
+    positions = [subject_last_index(tok, t, end) for t, end in pos_texts + target_texts]
+    picked, every = collect_keys(model, tok, texts, path, positions, all_tokens=True)
+    n_pos = len(pos_texts)
+    target = picked[n_pos:].mean(0)
+    negatives = []
+    for i in range(n_pos):
+        keep = torch.ones(len(every[i]), dtype=torch.bool)
+        keep[positions[i]] = False
+        negatives.append(every[i][keep])
+    if rep.corpus_negative_texts and corpus:
+        spans = corpus[: rep.corpus_negative_texts]
+        _, corpus_keys = collect_keys(model, tok, spans, path, None, all_tokens=True)
+        negatives.extend(corpus_keys)
+    negatives = torch.cat(negatives) if negatives else picked[:0]
+    if rep.num_negatives and len(negatives) > rep.num_negatives:
+        idx = rng.choice(len(negatives), size=rep.num_negatives, replace=False)
+        negatives = negatives[torch.as_tensor(np.sort(idx))]
+    return TrainingKeys(positives=picked[:n_pos], negatives=negatives, target=target)
+
+
+def _param_names(model, params) -> dict[int, str]:
+    wanted = {id(p) for p in params}
+    return {id(p): n for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool = False,
+                       return_orig_weights: bool = False, keep_original_weight: bool = False,
+                       **kwargs):
+    """Train REP adapters, install the pathway, run the backend; EasyEdit's contract."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not isinstance(hparams, REPHyperParams):
+        raise TypeError("apply_rep_to_model needs REPHyperParams (load them with "
+                        "rep_easyedit.REPHyperParams.from_hparams(path))")
+    backend = get_backend(hparams.backend_name)
+    validate_requests(requests, backend.max_batch, hparams.alg_name)
+    base_hp = hparams.backend_hparams()
+    paths = edited_module_paths(model, base_hp)
+    if getattr(base_hp, "mom2_adjustment", False):
+        from .covariance import require_stats
+
+        require_stats(model, base_hp, list(paths))
+    if copy:
+        model = copy_module.deepcopy(model)
+    prune_inactive(model)
+
+    weight_names = [f"{p}.weight" for p in paths.values()]
+    params = {n: p for n, p in model.named_parameters() if n in weight_names}
+    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    installed: list[tuple[str, GatedLowRankAdapter]] = []
+    rep = hparams.rep
+    try:
+        with right_padding(tok), shims_applied():
+            t0 = time.perf_counter()
+            templates = backend.context_templates(model, tok, base_hp)
+            t_templates = time.perf_counter() - t0
+            corpus = []
+            if rep.n_long_contexts > 0 or rep.corpus_negative_texts > 0:
+                from .corpus import load_corpus
+
+                corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
+            for request in requests:
+                t1 = time.perf_counter()
+                pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles,
+                                           n_long=rep.n_long_contexts,
+                                           long_tokens=rep.long_context_tokens, base_seed=rep.seed)
+                reports = {}
+                t_keys = t_train = 0.0
+                for layer, path in paths.items():
+                    rng = np.random.default_rng(pert.seed + layer)
+                    tk = time.perf_counter()
+                    keys = gather_training_keys(model, tok, request, pert, templates, path, rep, corpus, rng)
+                    t_keys += time.perf_counter() - tk
+                    dim = keys.positives.shape[-1]
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(pert.seed + layer)
+                        adapter = GatedLowRankAdapter(dim, rep.rank, rep.gate_ratio, rep.tau)
+                    adapter.to(get_module(model, path).weight.device)
+                    tt = time.perf_counter()
+                    report = train_adapter(adapter, keys, steps=rep.steps, lr=rep.lr, alpha=rep.alpha,
+                                           gate_weight=rep.gate_weight, aggregation=rep.aggregation,
+                                           use_abs=rep.aggregation_abs)
+                    t_train += time.perf_counter() - tt
+                    install(model, path, adapter)
+                    installed.append((path, adapter))
+                    reports[path] = vars(report)
+                request["rep"] = {
+                    "perturbations": pert.to_dict(),
+                    "training": reports,
+                    "seconds": {"context_templates": t_templates, "keys": t_keys, "train": t_train,
+                                "rep_total": time.perf_counter() - t1 + t_templates},
+                }
+            t2 = time.perf_counter()
+            base_requests = [{k: v for k, v in r.items() if k != "rep"} for r in requests]
+            model, _ = backend.apply(model, tok, base_requests, base_hp, copy=False,
+                                     return_orig_weights=True, keep_original_weight=True, **kwargs)
+            for request in requests:
+                request["rep"]["seconds"]["backend"] = time.perf_counter() - t2
+    except BaseException:
+        with torch.no_grad():
+            for name, original in snapshot.items():
+                params[name].copy_(original)
+        for path, adapter in installed:
+            detach_adapter(model, path, adapter)
+        raise
+
+    weights_copy: dict = {}
+    if return_orig_weights and (keep_original_weight or editor_uses_sequential_flag()):
+        weights_copy.update(snapshot)
+        names = _param_names(model, [a.active for _, a in installed])
+        for _, adapter in installed:
+            weights_copy[names[id(adapter.active)]] = torch.zeros_like(adapter.active)
+    return model, weights_copy

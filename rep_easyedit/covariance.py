@@ -242,7 +242,7 @@ def build_stats(model, tok, hparams, layers: Sequence[int], texts: Sequence[str]
     def make_hook(layer: int, last: bool):
         def hook(_module, args):
             x = args[0]
-            feats = x.reshape(-1, x.shape[-1])[box["mask"]].to(dtype)
+            feats = x.reshape(-1, x.shape[-1])[box["mask"].to(x.device)].to(dtype)
             stats[layer].add(feats)
             if last:
                 raise _StopStats

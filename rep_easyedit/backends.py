@@ -6,7 +6,9 @@ A backend is EasyEdit's own `apply_X_to_model`, its hparams dataclass and its co
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,3 +81,27 @@ def get_backend(name: str) -> Backend:
             f"the installed EasyEdit has no {name} ({class_name}); install an EasyEdit that "
             f"provides it or pick another REP-<backend>")
     return Backend(name, apply, cls, templates, max_batch)
+
+
+_TEMPLATE_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def templates_keyed_by_model(model, backend: Backend):
+    """EasyEdit caches context templates in a module global shared by every model; key it by model.
+
+    Inside the block the backend module sees the templates generated for this model (or none
+    yet); on exit they are stored for this model and the global is put back.
+    """
+    mod = importlib.import_module(_module_of(backend.apply))
+    if not hasattr(mod, "CONTEXT_TEMPLATES_CACHE"):
+        yield
+        return
+    per_model = _TEMPLATE_CACHES.setdefault(model, {})
+    saved = mod.CONTEXT_TEMPLATES_CACHE
+    mod.CONTEXT_TEMPLATES_CACHE = per_model.get(mod.__name__)
+    try:
+        yield
+    finally:
+        per_model[mod.__name__] = mod.CONTEXT_TEMPLATES_CACHE
+        mod.CONTEXT_TEMPLATES_CACHE = saved

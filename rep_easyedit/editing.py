@@ -44,10 +44,13 @@ def apply_edit(model, tok, requests: list[dict], hparams):
     apply = installed_algorithm(hparams.alg_name)
     if apply is None:
         raise ValueError(f"alg_name {hparams.alg_name!r} is not registered with EasyEdit")
+    from .backends import get_backend, templates_keyed_by_model
+
+    base = getattr(hparams, "backend_name", hparams.alg_name)
     old = tok.padding_side
     tok.padding_side = "right"
     try:
-        with shims_applied():
+        with shims_applied(), templates_keyed_by_model(model, get_backend(base)):
             _, weights_copy = apply(model, tok, requests, hparams, copy=False,
                                     return_orig_weights=True, keep_original_weight=True)
     finally:

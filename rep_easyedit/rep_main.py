@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .adapter import GatedLowRankAdapter
-from .backends import get_backend
+from .backends import get_backend, templates_keyed_by_model
 from .compat.easyedit import editor_uses_sequential_flag, shims_applied
 from .hparams import REPHyperParams
 from .keys import collect_keys, subject_last_index
@@ -131,6 +131,47 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     return TrainingKeys(positives=picked[:n_pos], negatives=negatives, target=target)
 
 
+def fit_adapters(model, tok, request: dict, pert: Perturbations, templates: list[str],
+                 paths: dict[int, str], rep, corpus: list[str],
+                 inverse_covariance: dict[int, torch.Tensor] | None = None):
+    """Train one adapter per edited layer for one request; nothing is installed here.
+
+    Returns [(module path, adapter, TrainingReport)], the report carrying the seconds spent
+    collecting keys and training.
+    """
+    fitted = []
+    for layer, path in paths.items():
+        rng = np.random.default_rng(pert.seed + layer)
+        t0 = time.perf_counter()
+        keys = gather_training_keys(model, tok, request, pert, templates, path, rep, corpus, rng)
+        if inverse_covariance and layer in inverse_covariance:
+            keys.target_whitened = inverse_covariance[layer].float().cpu() @ keys.target
+        t_keys = time.perf_counter() - t0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(pert.seed + layer)
+            adapter = GatedLowRankAdapter(keys.positives.shape[-1], rep.rank, rep.gate_ratio, rep.tau)
+        adapter.to(get_module(model, path).weight.device)
+        t1 = time.perf_counter()
+        report = train_adapter(adapter, keys, steps=rep.steps, lr=rep.lr, alpha=rep.alpha,
+                               gate_weight=rep.gate_weight, aggregation=rep.aggregation,
+                               use_abs=rep.aggregation_abs)
+        report.seconds_keys = t_keys
+        report.seconds_train = time.perf_counter() - t1
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+        fitted.append((path, adapter, report))
+    return fitted
+
+
+def _inverse_covariances(model, base_hp, paths: dict[int, str], rep) -> dict[int, torch.Tensor] | None:
+    """C⁻¹ per layer, only for the paper's whitened cosine aggregation with covariance on."""
+    if rep.aggregation != "cosine" or not getattr(base_hp, "mom2_adjustment", False):
+        return None
+    from .covariance import load_inverse_covariance
+
+    return {layer: load_inverse_covariance(model, base_hp, layer) for layer in paths}
+
+
 def _param_names(model, params) -> dict[int, str]:
     wanted = {id(p) for p in params}
     return {id(p): n for n, p in model.named_parameters() if id(p) in wanted}
@@ -163,7 +204,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
     installed: list[tuple[str, GatedLowRankAdapter]] = []
     rep = hparams.rep
     try:
-        with right_padding(tok), shims_applied():
+        with right_padding(tok), shims_applied(), templates_keyed_by_model(model, backend):
             t0 = time.perf_counter()
             templates = backend.context_templates(model, tok, base_hp)
             t_templates = time.perf_counter() - t0
@@ -177,26 +218,15 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                 pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles,
                                            n_long=rep.n_long_contexts,
                                            long_tokens=rep.long_context_tokens, base_seed=rep.seed)
+                fitted = fit_adapters(model, tok, request, pert, templates, paths, rep, corpus,
+                                      inverse_covariance=_inverse_covariances(model, base_hp, paths, rep))
                 reports = {}
-                t_keys = t_train = 0.0
-                for layer, path in paths.items():
-                    rng = np.random.default_rng(pert.seed + layer)
-                    tk = time.perf_counter()
-                    keys = gather_training_keys(model, tok, request, pert, templates, path, rep, corpus, rng)
-                    t_keys += time.perf_counter() - tk
-                    dim = keys.positives.shape[-1]
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(pert.seed + layer)
-                        adapter = GatedLowRankAdapter(dim, rep.rank, rep.gate_ratio, rep.tau)
-                    adapter.to(get_module(model, path).weight.device)
-                    tt = time.perf_counter()
-                    report = train_adapter(adapter, keys, steps=rep.steps, lr=rep.lr, alpha=rep.alpha,
-                                           gate_weight=rep.gate_weight, aggregation=rep.aggregation,
-                                           use_abs=rep.aggregation_abs)
-                    t_train += time.perf_counter() - tt
+                for path, adapter, report in fitted:
                     install(model, path, adapter)
                     installed.append((path, adapter))
                     reports[path] = vars(report)
+                t_keys = sum(r["seconds_keys"] for r in reports.values())
+                t_train = sum(r["seconds_train"] for r in reports.values())
                 request["rep"] = {
                     "perturbations": pert.to_dict(),
                     "training": reports,

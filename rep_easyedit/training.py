@@ -40,6 +40,8 @@ class TrainingReport:
     gate_pos_fire: float   # share of positives with gate > τ after training
     gate_neg_fire: float   # share of negatives with gate > τ after training
     activation: float      # mean (k̂_s·k*)/(k*·k*) over positives with the hard gate
+    seconds_keys: float = 0.0
+    seconds_train: float = 0.0
 
 
 def aggregation_loss(adapted: torch.Tensor, keys: TrainingKeys, kind: str, use_abs: bool) -> torch.Tensor:
@@ -85,6 +87,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
         loss.backward()
         opt.step()
     adapter.eval()
+    loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
     with torch.no_grad():
         g_pos = adapter.gate_prob(pos).squeeze(-1)
         g_neg = adapter.gate_prob(neg).squeeze(-1) if len(neg) else g_pos[:0]
@@ -92,7 +95,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
         kk = target.target.pow(2).sum()
         activation = (hard @ target.target / kk).mean().item()
     return TrainingReport(
-        steps=steps, loss=float(loss), aggregation=float(agg), consistency=float(cons),
-        gate=float(gate), gate_pos_fire=float((g_pos > adapter.tau).float().mean()),
+        steps=steps, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
+        gate=gate.item(), gate_pos_fire=float((g_pos > adapter.tau).float().mean()),
         gate_neg_fire=float((g_neg > adapter.tau).float().mean()) if len(g_neg) else 0.0,
         activation=activation)

@@ -30,6 +30,17 @@ class GatedLowRankAdapter(nn.Module):
         # `nethook.get_parameter` finds it); 0 turns the adapter off exactly.
         self.active = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)` / `.half()` / `.bfloat16()` on a model carrying the pathway must not
+        # cast the adapter: its math is float32 (and casting would lose its weights' bits). Device
+        # moves still apply; a dtype change is dropped, the values kept exactly.
+        def keep_float32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype != torch.float32:
+                return t.to(out.device)
+            return out
+        return super()._apply(keep_float32, recurse)
+
     def gate_prob(self, keys: torch.Tensor) -> torch.Tensor:
         """Per-token gate in [0, 1], shape (..., 1)."""
         return torch.sigmoid(self.gate(keys.float()))

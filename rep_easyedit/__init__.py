@@ -9,6 +9,7 @@ from .adapter import GatedLowRankAdapter
 from .config import REPConfig
 from .hparams import HParamsError, REPHyperParams
 from .pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
+from .persistence import PathwayLayoutError, load_pathway, save_edited_model, save_pathway
 from .registration import register
 from .rep_main import LayoutError, apply_rep_to_model
 from .requests import EditRequestError
@@ -18,5 +19,6 @@ REGISTERED = register()
 __all__ = [
     "GatedLowRankAdapter", "RobustEditPathway", "REPConfig", "REPHyperParams", "HParamsError",
     "EditRequestError", "LayoutError", "apply_rep_to_model", "installed_paths", "prune_inactive",
-    "remove_pathways", "register", "REGISTERED",
+    "remove_pathways", "register", "REGISTERED", "save_pathway", "load_pathway", "save_edited_model",
+    "PathwayLayoutError",
 ]

@@ -75,3 +75,23 @@ def edited(model, tok, requests: list[dict], hparams) -> Iterator[dict]:
         yield weights_copy
     finally:
         restore(model, weights_copy)
+
+
+def keep_edit_kwargs() -> dict:
+    """`BaseEditor.edit` keyword that keeps the edit in the model, for the installed EasyEdit."""
+    from .compat.easyedit import editor_uses_sequential_flag
+
+    return {"sequential_edit": True} if editor_uses_sequential_flag() else {"keep_original_weight": False}
+
+
+def snapshot(model) -> dict:
+    """A copy of every parameter and buffer, to put a model back after edits made in place."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def restore_snapshot(model, state: dict) -> None:
+    """Take off every REP pathway and write the snapshot back."""
+    from .pathway import remove_pathways
+
+    remove_pathways(model)
+    model.load_state_dict(state)

@@ -16,10 +16,20 @@ def validate_request(request: dict, index: int = 0) -> None:
         if not value.strip():
             raise EditRequestError(f"{where}: `{key}` is empty; give a non-empty {key}")
     prompt, subject = request["prompt"], request["subject"]
-    if "{}" in prompt:
-        count = 1 if prompt.count("{}") == 1 else prompt.count("{}")
-        if count != 1:
-            raise EditRequestError(f"{where}: the prompt template has {count} `{{}}` slots; use one")
+    slots = prompt.count("{}")
+    stray = prompt.replace("{}", "")
+    if "{" in stray or "}" in stray:
+        raise EditRequestError(
+            f"{where}: prompt {prompt!r} has braces other than one `{{}}` subject slot; EasyEdit "
+            f"formats prompts with str.format, so remove them")
+    if slots > 1:
+        raise EditRequestError(f"{where}: the prompt template has {slots} `{{}}` slots; use one")
+    if slots == 1:
+        if subject in prompt:
+            raise EditRequestError(
+                f"{where}: prompt {prompt!r} has a `{{}}` slot and also contains the subject "
+                f"{subject!r}; use one or the other")
+        _validate_variants(request, where)
         return
     count = prompt.count(subject)
     if count == 0:
@@ -30,6 +40,16 @@ def validate_request(request: dict, index: int = 0) -> None:
         raise EditRequestError(
             f"{where}: subject {subject!r} occurs {count} times in prompt {prompt!r}; "
             f"rephrase the prompt so the subject appears exactly once")
+    _validate_variants(request, where)
+
+
+def _validate_variants(request: dict, where: str) -> None:
+    for key in ("subject_rephrase", "rephrase_subjects"):
+        value = request.get(key)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise EditRequestError(f"{where}: `{key}` must be a list of strings, got {value!r}")
 
 
 def validate_requests(requests: list[dict], max_batch: int | None = None, alg_name: str = "") -> None:

@@ -27,3 +27,20 @@ def test_batch_limit():
         validate_requests([OK, OK], max_batch=1, alg_name="REP-ROME")
     with pytest.raises(EditRequestError, match="no requests"):
         validate_requests([])
+
+
+@pytest.mark.parametrize("prompt", ["The {0} Ferrari F355 is produced by", "Ferrari F355 { is produced by",
+                                    "Ferrari F355 {name} is produced by"])
+def test_stray_braces(prompt):
+    with pytest.raises(EditRequestError, match="braces"):
+        validate_requests([dict(OK, prompt=prompt)])
+
+
+def test_slot_and_literal_subject():
+    with pytest.raises(EditRequestError, match="slot and also contains"):
+        validate_requests([dict(OK, prompt="Ferrari F355 and {} is produced by")])
+
+
+def test_bad_subject_rephrases():
+    with pytest.raises(EditRequestError, match="subject_rephrase"):
+        validate_requests([dict(OK, subject_rephrase=[None, "F355"])])

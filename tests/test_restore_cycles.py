@@ -178,18 +178,11 @@ def test_batch_to_rep_rome_changes_nothing(module_model, tokenizer, module_hpara
 
 
 # ----------------------------------------------------------------------------------------------
-# known slips: requests `validate_requests` lets through, which then fail with an unclear error
-# deep inside EasyEdit / REP (the model is left unchanged: the rollback works). Strict xfail, so
-# these flip to failures once rep_easyedit/requests.py checks them.
+# requests that used to slip past validation and fail deep inside EasyEdit with an unclear error
 
 BRACES = st.sampled_from(["{", "}", "{0}", "{name}", "{1}", "}{", "{ }"])
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, KeyError, IndexError), reason=(
-    "validate_request accepts a prompt without a `{}` slot that holds other braces; EasyEdit's "
-    "execute_rome replaces the subject with '{}' and calls prompt.format(subject) "
-    "(rome_main.py:87), which raises ValueError('Single '}' encountered in format string') / "
-    "KeyError('name') / IndexError"))
 @settings(max_examples=30, deadline=None, report_multiple_bugs=False,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(brace=BRACES, where=st.integers(0, 2))
@@ -206,10 +199,6 @@ def test_prompt_with_stray_braces_is_refused_clearly(module_model, tokenizer, mo
         assert_same(module_model, before)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "validate_request does not check `subject_rephrase`; a non-string entry reaches "
-    "perturbations.subject_rephrases (x.strip()) and raises AttributeError: 'NoneType' object "
-    "has no attribute 'strip'"))
 def test_non_string_rephrase_is_refused_clearly(module_model, tokenizer, module_hparams):
     before = full_state(module_model)
     try:

@@ -1,0 +1,52 @@
+"""Behaviour on the real bundled model (SmolLM2-135M-Instruct): the edit, robustness, restore."""
+
+import copy
+
+import pytest
+import torch
+
+import rep_easyedit
+from rep_easyedit.editing import edited, load_hparams
+from rep_easyedit.pathway import installed_paths
+
+from conftest import ROOT, request_from_case
+
+pytestmark = pytest.mark.real_model
+REP_YAML = ROOT / "hparams/REP-ROME/smollm2-135m.yaml"
+ROME_YAML = ROOT / "hparams/ROME/smollm2-135m.yaml"
+
+
+def _logits(model, tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_rep_rome_through_base_editor_succeeds_and_restores(dev_cases):
+    from easyeditor import BaseEditor
+
+    case = dev_cases[0]
+    hp = rep_easyedit.REPHyperParams.from_hparams(REP_YAML)
+    editor = BaseEditor.from_hparams(hp)
+    model, tok = editor.model, editor.tok
+    probe = [case["prompt"], case["locality_prompt"][0], "The capital of France is"]
+    before = _logits(model, tok, probe)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    metrics, edited_model, _ = editor.edit(
+        prompts=[case["prompt"]], ground_truth=[case["target_true"]], target_new=[case["target_new"]],
+        subject=[case["subject"]], rephrase_prompts=[case["rephrase_prompt"][:3]],
+        locality_inputs={"neighborhood": {"prompt": [case["locality_prompt"][:3]],
+                                          "ground_truth": [[case["target_true"]] * 3]}},
+        subject_rephrase=[case["subject_rephrase"]], case_id=[case["case_id"]],
+        keep_original_weight=True)
+    post = metrics[0]["post"]
+    assert post["rewrite_acc"][0] == 1.0
+    rep_info = metrics[0]["requested_rewrite"]["rep"]
+    assert rep_info["perturbations"]["rephrase_in"] == case["subject_rephrase"][:5]
+    assert rep_info["training"]["model.layers.3.mlp.down_proj"]["gate_pos_fire"] > 0.9
+    # the editor restored weights_copy: outputs, parameters and hooks as before the edit
+    assert torch.equal(_logits(model, tok, probe), before)
+    assert installed_paths(model) == []
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)

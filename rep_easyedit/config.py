@@ -24,6 +24,10 @@ class REPConfig:
     num_negatives: int = 1024      # gate negatives sampled per edit
     corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
+    # beyond the paper: fit the backend's value v* over the in-domain variant prompts as well
+    # (ROME-style backends with a `compute_v`); see rep_easyedit/robust_value.py
+    value_on_variants: bool = False
+    value_variant_templates: int = 3   # context templates per variant in that fit
     # perturbations
     n_shuffles: int = 10
     n_long_contexts: int = 4

@@ -172,6 +172,20 @@ def _inverse_covariances(model, base_hp, paths: dict[int, str], rep) -> dict[int
     return {layer: load_inverse_covariance(model, base_hp, layer) for layer in paths}
 
 
+def _value_fit(backend, requests: list[dict], rep):
+    """`rep.value_on_variants`: the backend's v* is fitted over the trained variants too."""
+    if not rep.value_on_variants:
+        return contextlib.nullcontext()
+    from .robust_value import value_fitted_on_variants
+
+    variants = {}
+    for request in requests:
+        pert = Perturbations(**request["rep"]["perturbations"])
+        trained = [v for v in training_variants(request, pert, rep.train_on) if v != request["subject"]]
+        variants[(_prompt_filled(request), request["subject"])] = trained
+    return value_fitted_on_variants(backend.apply, variants, rep.value_variant_templates)
+
+
 def _param_names(model, params) -> dict[int, str]:
     wanted = {id(p) for p in params}
     return {id(p): n for n, p in model.named_parameters() if id(p) in wanted}
@@ -235,8 +249,9 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                 }
             t2 = time.perf_counter()
             base_requests = [{k: v for k, v in r.items() if k != "rep"} for r in requests]
-            model, _ = backend.apply(model, tok, base_requests, base_hp, copy=False,
-                                     return_orig_weights=True, keep_original_weight=True, **kwargs)
+            with _value_fit(backend, requests, rep):
+                model, _ = backend.apply(model, tok, base_requests, base_hp, copy=False,
+                                         return_orig_weights=True, keep_original_weight=True, **kwargs)
             for request in requests:
                 request["rep"]["seconds"]["backend"] = time.perf_counter() - t2
     except BaseException:

@@ -13,7 +13,7 @@ import inspect
 import os
 from typing import Callable, Iterator
 
-from .legacy_shims import DeviceLiteralShims, import_with_optional_stubs
+from .legacy_shims import DeviceLiteralShims, import_with_optional_stubs, layer_output_tuple_rewrite
 
 _SHIM_PREFIXES = ("easyeditor.editors", "easyeditor.evaluate", "easyeditor.models.rome",
                   "easyeditor.models.memit", "easyeditor.util")
@@ -24,8 +24,39 @@ def easyeditor():
     """The installed `easyeditor` package (imported once, with optional packages stubbed)."""
     if "module" not in _state:
         _state["module"] = import_with_optional_stubs("easyeditor")
-        _state["shims"] = DeviceLiteralShims(_SHIM_PREFIXES)
+        rewrite = layer_output_tuple_rewrite()  # None where decoder layers return tuples
+        _state["shims"] = DeviceLiteralShims(_SHIM_PREFIXES,
+                                             extra_rewrites=(rewrite,) if rewrite else ())
+        _shim_alg_dict_entries(_state["shims"])
     return _state["module"]
+
+
+def _shim_alg_dict_entries(shims: DeviceLiteralShims) -> list[str]:
+    """`ALG_DICT` holds the apply functions themselves, which the shims cannot swap (a dict value,
+    not a module attribute): the editor's `self.apply_algo` and `installed_algorithm()` would run
+    the unshimmed code (legacy MEMIT's `apply_memit_to_model` builds `f"cuda:{device}"` itself).
+    Each entry that has a shimmed version becomes a thin wrapper running that version with the
+    shims applied (`__rep_easyedit_original__` keeps the original, e.g. to find its module).
+    Returns the names wrapped.
+    """
+    patched = {id(orig): p for _o, _a, orig, p in shims.replacements}
+    wrapped = []
+    for d in alg_dicts():
+        for name, fn in list(d.items()):
+            if id(fn) not in patched:
+                continue
+
+            def make(fn, shimmed):
+                @functools.wraps(fn)
+                def apply_with_shims(*args, **kwargs):
+                    with shims_applied():
+                        return shimmed(*args, **kwargs)
+                apply_with_shims.__rep_easyedit_original__ = fn
+                return apply_with_shims
+
+            d[name] = make(fn, patched[id(fn)])
+            wrapped.append(name)
+    return wrapped
 
 
 def device_shims() -> DeviceLiteralShims:
@@ -42,6 +73,14 @@ def shims_applied() -> Iterator[None]:
         return
     with shims.applied():
         yield
+
+
+def shimmed_functions() -> dict[str, tuple[str, ...]]:
+    """`module.qualname` -> the rewrites its shim applies ("cuda_literal", "layer_output_tuple")."""
+    out = {}
+    for _owner, _attr, orig, patched in device_shims().replacements:
+        out[f"{orig.__module__}.{orig.__qualname__}"] = getattr(patched, "__rep_easyedit_rewrites__", ())
+    return out
 
 
 def alg_dicts() -> list[dict]:
@@ -146,6 +185,7 @@ def patch_editor() -> None:
         setattr(cls, method_name, make(target))
     if "_prepare_requests" in vars(cls):
         cls._prepare_requests = _with_rep_fields(vars(cls)["_prepare_requests"])
+    patch_batchable()
     cls.__rep_easyedit_patched__ = True
 
 
@@ -171,3 +211,56 @@ def _with_rep_fields(prepare):
                 request.setdefault(key, value)
         return requests
     return _prepare_requests
+
+
+# -- batch editing ------------------------------------------------------------------------------
+
+# methods that take several requests per `apply_X_to_model` call; the editor's own list decides
+# for everything else
+BATCHABLE_NAMES = ("REP-MEMIT", "REP-EMMET", "EMMET")
+
+
+def _batch_editor_class():
+    import importlib
+
+    easyeditor()
+    for name in ("easyeditor.editors.batch_editor", "easyeditor.editors.editor"):
+        try:
+            cls = getattr(importlib.import_module(name), "BatchEditor", None)
+        except ImportError:
+            continue
+        if cls is not None and callable(getattr(cls, "is_batchable_method", None)):
+            return cls
+    return None
+
+
+def patch_batchable() -> list[str]:
+    """Let `BaseEditor.batch_edit` accept REP-MEMIT, REP-EMMET (and EMMET where it is ours).
+
+    EasyEdit decides batchability by name (`BatchEditor.is_batchable_method`, a staticmethod of
+    an Enum in both the PyPI release and upstream). Detected: only the names the installed check
+    rejects are added (an upstream EMMET that is already batchable is left to it); the check is
+    wrapped once (still a staticmethod) and answers as before for every other name. Names that
+    are not registered still fail where the editor looks the algorithm up. Returns the names added.
+    """
+    cls = _batch_editor_class()
+    if cls is None:
+        return []
+    raw = inspect.getattr_static(cls, "is_batchable_method")
+    original = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    if getattr(original, "__rep_easyedit_batchable__", None) is not None:
+        return []
+    check = getattr(cls, "is_batchable_method")
+    added = tuple(n for n in BATCHABLE_NAMES if not check(n))
+    if not added:
+        return []
+
+    @functools.wraps(original)
+    def is_batchable_method(alg_name, *args, **kwargs):
+        return alg_name in added or check(alg_name, *args, **kwargs)
+
+    is_batchable_method.__rep_easyedit_batchable__ = added
+    # Enum classes refuse new members but accept plain attributes; a staticmethod keeps the
+    # `BatchEditor.is_batchable_method(name)` call shape (`check` is already bound if need be)
+    setattr(cls, "is_batchable_method", staticmethod(is_batchable_method))
+    return list(added)

@@ -12,6 +12,13 @@ duration of the calls that need it. Nothing here touches torch globally.
   recompiled with that expression replaced by a resolver that gives ``cuda:N`` for an integer
   (the legacy behaviour, unchanged) and the device itself for ``"cpu"``, ``"cuda:1"``, ``"mps"``.
   The recompiled functions replace the originals only inside the context manager.
+- ``layer_output_tuple_rewrite``: legacy MEMIT's ``compute_z`` reads and edits the hidden state of
+  a decoder layer as ``cur_out[0]`` / ``tr[...].output[0]``; transformers 5 decoder layers return a
+  tensor, so ``[0]`` picks the first sequence and the edit fails ("too many indices"). Where the
+  installed transformers' decoder layer returns a tensor and a function's source has the pattern,
+  the function is recompiled (together with its cuda-literal fix, by ``DeviceLiteralShims``) with
+  ``x[0]`` replaced by ``_rep_easyedit_hidden(x)``: the tensor itself, or element 0 of a tuple, so
+  the rewritten code is right for either kind of layer.
 """
 
 from __future__ import annotations
@@ -163,16 +170,22 @@ def resolve_device(value) -> str:
     return str(value)
 
 
-def _patched_function(func: types.FunctionType) -> types.FunctionType | None:
+def _patched_function(func: types.FunctionType,
+                      extra_rewrites: tuple["SourceRewrite", ...] = ()) -> types.FunctionType | None:
     try:
         source = textwrap.dedent(inspect.getsource(func))
     except (OSError, TypeError):
         return None
-    if not _CUDA_LITERAL.search(source):
+    extras = [r for r in extra_rewrites if r.applies_to(func, source)]
+    if not _CUDA_LITERAL.search(source) and not extras:
         return None
     if func.__code__.co_freevars:  # closures (e.g. methods using super()) are left alone
         return None
     new_source = _CUDA_LITERAL.sub(lambda m: f"{_RESOLVER}({m.group(2)})", source)
+    for rewrite in extras:
+        new_source = rewrite.rewrite(new_source)
+        for name, helper in rewrite.helpers.items():
+            func.__globals__.setdefault(name, helper)
     # drop decorators: the patched function replaces the undecorated one
     new_source = re.sub(r"^(\s*@.*\n)+", "", new_source)
     namespace: dict = {}
@@ -185,14 +198,18 @@ def _patched_function(func: types.FunctionType) -> types.FunctionType | None:
     patched.__kwdefaults__ = func.__kwdefaults__
     patched.__qualname__ = func.__qualname__
     patched.__rep_easyedit_original__ = func
+    patched.__rep_easyedit_rewrites__ = ("cuda_literal",) * bool(_CUDA_LITERAL.search(source)) + \
+        tuple(r.name for r in extras)
     return patched
 
 
 class DeviceLiteralShims:
     """Finds every function of the given EasyEdit modules with a cuda literal; swaps on demand."""
 
-    def __init__(self, module_prefixes: tuple[str, ...]):
+    def __init__(self, module_prefixes: tuple[str, ...],
+                 extra_rewrites: tuple["SourceRewrite", ...] = ()):
         self.replacements: list[tuple[object, str, object, object]] = []
+        self.extra_rewrites = tuple(extra_rewrites)
         self._lock = threading.RLock()
         self._depth = 0
         seen: dict[int, object] = {}
@@ -210,7 +227,7 @@ class DeviceLiteralShims:
     def _add(self, owner, attr, func, seen):
         key = id(func)
         if key not in seen:
-            seen[key] = _patched_function(func)
+            seen[key] = _patched_function(func, self.extra_rewrites)
         patched = seen[key]
         if patched is not None:
             self.replacements.append((owner, attr, func, patched))
@@ -233,3 +250,87 @@ class DeviceLiteralShims:
                 if self._depth == 0:
                     for owner, attr, orig, _patched in self.replacements:
                         setattr(owner, attr, orig)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder layers that return a tensor where legacy code indexes a tuple
+
+_HIDDEN = "_rep_easyedit_hidden"
+
+
+def hidden_state(output):
+    """The hidden state in a layer's output: element 0 of a tuple (transformers < 5), else itself."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class SourceRewrite:
+    """A textual rewrite of a legacy function's source, for functions of the given modules only.
+
+    ``pattern`` detects the code to fix; ``replacements`` are (regex, replacement) pairs applied in
+    order; ``helpers`` are names the rewritten code calls, added to the function's module globals
+    (``setdefault``: an existing name is never overwritten).
+    """
+
+    def __init__(self, name: str, modules: tuple[str, ...], pattern: str,
+                 replacements: tuple[tuple[str, str], ...], helpers: dict):
+        self.name = name
+        self.modules = tuple(modules)
+        self.pattern = re.compile(pattern)
+        self.replacements = tuple((re.compile(a), b) for a, b in replacements)
+        self.helpers = dict(helpers)
+
+    def applies_to(self, func: types.FunctionType, source: str) -> bool:
+        return func.__module__ in self.modules and bool(self.pattern.search(source))
+
+    def rewrite(self, source: str) -> str:
+        for regex, replacement in self.replacements:
+            source = regex.sub(replacement, source)
+        return source
+
+    def __repr__(self) -> str:
+        return f"SourceRewrite({self.name!r}, modules={self.modules})"
+
+
+# `cur_out[0]` (the edit_output hook's argument) and `tr[...].output[0]` (a traced layer output)
+_TUPLE_INDEX = (
+    (r"\bcur_out\[0\]", f"{_HIDDEN}(cur_out)"),
+    (r"(\btr\[[^\[\]]+\]\.output)\[0\]", rf"{_HIDDEN}(\1)"),
+)
+_TUPLE_INDEX_MODULES = ("easyeditor.models.memit.compute_z",)
+
+_LAYER_RETURNS: dict = {}
+
+
+def decoder_layer_returns_tensor() -> bool:
+    """Whether the installed transformers' decoder layers return a bare tensor (transformers >= 5).
+
+    Measured, not assumed from the version: a one-layer LlamaModel of width 8 is run once (its
+    random initialisation under `torch.random.fork_rng`, so the caller's RNG stream is untouched)
+    and the type its decoder layer returns is recorded. Cached for the process.
+    """
+    if "tensor" not in _LAYER_RETURNS:
+        import torch
+        from transformers import LlamaConfig, LlamaModel
+
+        seen = []
+        cfg = LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=1, num_key_value_heads=1, vocab_size=4,
+                          max_position_embeddings=8)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model = LlamaModel(cfg).eval()
+            handle = model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))
+            try:
+                model(input_ids=torch.tensor([[0, 1]]), use_cache=False)
+            finally:
+                handle.remove()
+        _LAYER_RETURNS["tensor"] = bool(seen) and isinstance(seen[0], torch.Tensor)
+    return _LAYER_RETURNS["tensor"]
+
+
+def layer_output_tuple_rewrite() -> SourceRewrite | None:
+    """The rewrite for legacy MEMIT's tuple indexing, or None where decoder layers return tuples."""
+    if not decoder_layer_returns_tensor():
+        return None
+    return SourceRewrite("layer_output_tuple", _TUPLE_INDEX_MODULES,
+                         pattern=r"\bcur_out\[0\]|\.output\[0\]",
+                         replacements=_TUPLE_INDEX, helpers={_HIDDEN: hidden_state})

@@ -1,0 +1,227 @@
+"""MEMIT / REP-MEMIT on the installed EasyEdit, on a tiny random llama (CPU, fast).
+
+Plain legacy MEMIT needs two shims under transformers 5 (its `compute_z` indexes the tuple a
+decoder layer no longer returns; `apply_memit_to_model` builds `cuda:{device}`); REP-MEMIT trains
+one adapter per edited layer; `batch_edit` accepts REP-MEMIT; bad input changes nothing.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import rep_easyedit
+from rep_easyedit import EditRequestError, LayoutError, REPHyperParams, apply_rep_to_model
+from rep_easyedit.pathway import installed_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = [1, 2]
+REQ = {"prompt": "Ferrari F355 is produced by", "subject": "Ferrari F355", "target_new": "BMW",
+       "case_id": 1, "subject_rephrase": ["The F355", "F355 by Ferrari", "Ferrari's F355", "F355"]}
+REQ2 = {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome",
+        "case_id": 2, "subject_rephrase": ["the Tower", "Tour Eiffel", "Paris's tower", "Eiffel's tower"]}
+TEXTS = [f"Some text number {i} about cars, towers, cities and the people who make them." for i in range(24)]
+
+
+def _raw(name: str, tmp_path, **changes) -> dict:
+    raw = yaml.safe_load((ROOT / f"hparams/{name}/smollm2-135m.yaml").read_text())
+    raw.update(model_name="tiny", layers=LAYERS, v_loss_layer=3, v_num_grad_steps=2,
+               lm_head_module="lm_head",  # the tiny model does not tie its embeddings
+               stats_dir=str(tmp_path / "stats"), mom2_n_samples=1000)
+    if "rep" in raw:
+        raw["rep"].update(steps=5, n_long_contexts=0, corpus_negative_texts=0)
+    for k, v in changes.items():
+        if k.startswith("rep_"):
+            raw["rep"][k[4:]] = v
+        else:
+            raw[k] = v
+    return raw
+
+
+def memit_hparams(tmp_path, **changes):
+    """Through `load_hparams`, as a user loads the non-REP yaml (EasyEdit's own from_hparams)."""
+    from rep_easyedit.editing import load_hparams
+
+    path = tmp_path / "memit.yaml"
+    path.write_text(yaml.safe_dump(_raw("MEMIT", tmp_path, **changes)))
+    return load_hparams(path)
+
+
+def rep_memit_hparams(tmp_path, **changes):
+    return REPHyperParams.from_dict(_raw("REP-MEMIT", tmp_path, **changes))
+
+
+@pytest.fixture()
+def model(tiny_model, tokenizer, tmp_path):
+    """The tiny llama, named (EasyEdit's stats path holds the model name), with covariance built."""
+    from rep_easyedit.covariance import build_stats
+
+    tiny_model.config._name_or_path = "tiny-llama"
+    build_stats(tiny_model, tokenizer, memit_hparams(tmp_path), LAYERS, TEXTS, progress=False)
+    memit_main = _memit_main()
+    saved = dict(memit_main.COV_CACHE)
+    memit_main.COV_CACHE.clear()  # keyed by model name only: do not reuse another test's statistics
+    yield tiny_model
+    memit_main.COV_CACHE.clear()
+    memit_main.COV_CACHE.update(saved)
+
+
+def _memit_main():
+    import importlib
+
+    return importlib.import_module("easyeditor.models.memit.memit_main")
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    after = _state(model)
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def _hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _weights(model, layers=LAYERS):
+    params = dict(model.named_parameters())
+    return {l: params[f"model.layers.{l}.mlp.down_proj.weight"].detach().clone() for l in layers}
+
+
+# -- the shims ----------------------------------------------------------------------------------
+
+def test_tuple_shim_is_detected_and_narrow():
+    from rep_easyedit.compat.easyedit import shimmed_functions
+    from rep_easyedit.compat.legacy_shims import decoder_layer_returns_tensor
+
+    shimmed = shimmed_functions()
+    name = "easyeditor.models.memit.compute_z.compute_z"
+    import inspect
+
+    source = inspect.getsource(getattr(_memit_main().compute_z, "__rep_easyedit_original__",
+                                       _memit_main().compute_z))
+    if decoder_layer_returns_tensor() and "cur_out[0]" in source:
+        assert "layer_output_tuple" in shimmed[name]
+    # only compute_z gets the tuple rewrite; nothing else in EasyEdit is touched by it
+    assert [k for k, v in shimmed.items() if "layer_output_tuple" in v] in ([], [name])
+    # outside shims_applied the module holds the original function
+    assert not hasattr(_memit_main().compute_z, "__rep_easyedit_rewrites__")
+
+
+def test_hidden_state_helper():
+    from rep_easyedit.compat.legacy_shims import hidden_state
+
+    t = torch.zeros(2, 3, 4)
+    assert hidden_state(t) is t and hidden_state((t, None)) is t
+
+
+# -- plain MEMIT ----------------------------------------------------------------------------------
+
+def test_legacy_memit_edits_every_layer(model, tokenizer, tmp_path):
+    from rep_easyedit.compat.easyedit import installed_algorithm
+    from rep_easyedit.editing import apply_edit, restore
+
+    assert installed_algorithm("MEMIT") is not None
+    hp = memit_hparams(tmp_path)
+    before, state = _weights(model), _state(model)
+    weights_copy = apply_edit(model, tokenizer, [dict(REQ)], hp)
+    after = _weights(model)
+    assert sorted(weights_copy) == [f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS]
+    for layer in LAYERS:
+        assert not torch.equal(after[layer], before[layer]), f"layer {layer} unchanged"
+        assert torch.isfinite(after[layer]).all()
+    restore(model, weights_copy)
+    assert _unchanged(model, state)
+
+
+# -- REP-MEMIT ------------------------------------------------------------------------------------
+
+def test_rep_memit_one_adapter_per_layer(model, tokenizer, tmp_path):
+    hp = rep_memit_hparams(tmp_path)
+    before, state = _weights(model), _state(model)
+    req = dict(REQ)
+    edited, weights_copy = apply_rep_to_model(model, tokenizer, [req], hp, return_orig_weights=True,
+                                              keep_original_weight=True)
+    assert installed_paths(edited) == [f"model.layers.{l}.mlp.down_proj" for l in LAYERS]
+    assert sorted(req["rep"]["training"]) == [f"model.layers.{l}.mlp.down_proj" for l in LAYERS]
+    after = _weights(edited)
+    assert all(not torch.equal(after[l], before[l]) for l in LAYERS)
+    # restore the way EasyEdit does: write weights_copy back (adapters' `active` switches too)
+    params = dict(edited.named_parameters())
+    with torch.no_grad():
+        for k, v in weights_copy.items():
+            params[k][...] = v
+    rep_easyedit.prune_inactive(edited)
+    assert installed_paths(edited) == [] and _hooks(edited) == 0
+    assert _unchanged(edited, state)
+
+
+def test_rep_memit_batch_edit_through_editor(model, tokenizer, tmp_path):
+    """Legacy `BaseEditor.batch_edit` with two requests: REP-MEMIT must count as batchable."""
+    from rep_easyedit.compat.easyedit import _batch_editor_class, editor_class
+
+    assert _batch_editor_class().is_batchable_method("REP-MEMIT")
+    assert _batch_editor_class().is_batchable_method("REP-EMMET")
+    assert _batch_editor_class().is_batchable_method("MEMIT")       # unchanged answers
+    assert not _batch_editor_class().is_batchable_method("REP-ROME")
+    hp = rep_memit_hparams(tmp_path, batch_size=2)
+    hp.model_name = (model, tokenizer)
+    editor = editor_class()(hp)
+    editor.model_name = "tiny-llama"  # EasyEdit's evaluation calls .lower() on it
+    before = _weights(model)
+    metrics, edited, weights_copy = editor.batch_edit(
+        prompts=[REQ["prompt"], REQ2["prompt"]], target_new=[REQ["target_new"], REQ2["target_new"]],
+        ground_truth=["Ferrari", "Paris"], subject=[REQ["subject"], REQ2["subject"]],
+        subject_rephrase=[REQ["subject_rephrase"], REQ2["subject_rephrase"]],
+        keep_original_weight=True, verbose=False)
+    assert len(metrics) == 2
+    # two requests, two layers: two adapters per edited layer, trained with their own keys
+    for path in (f"model.layers.{l}.mlp.down_proj" for l in LAYERS):
+        active = [k for k in weights_copy if k.startswith(path) and k.endswith(".active")]
+        assert len(active) == 2, (path, sorted(weights_copy))
+    # keep_original_weight=True: the editor wrote the original weights back
+    assert all(torch.equal(_weights(edited)[l], before[l]) for l in LAYERS)
+    rep_easyedit.prune_inactive(edited)
+    assert installed_paths(edited) == []
+
+
+# -- bad input, before anything changes -------------------------------------------------------------
+
+def test_mismatched_list_lengths_change_nothing(model, tokenizer, tmp_path):
+    from rep_easyedit.compat.easyedit import editor_class
+
+    hp = rep_memit_hparams(tmp_path, batch_size=2)
+    hp.model_name = (model, tokenizer)
+    editor = editor_class()(hp)
+    editor.model_name = "tiny-llama"
+    state = _state(model)
+    with pytest.raises((ValueError, AssertionError)):
+        editor.batch_edit(prompts=[REQ["prompt"], REQ2["prompt"]], target_new=[REQ["target_new"]],
+                          subject=[REQ["subject"], REQ2["subject"]], verbose=False)
+    with pytest.raises(ValueError, match="subject_rephrase"):
+        editor.batch_edit(prompts=[REQ["prompt"], REQ2["prompt"]],
+                          target_new=[REQ["target_new"], REQ2["target_new"]],
+                          subject=[REQ["subject"], REQ2["subject"]],
+                          subject_rephrase=[REQ["subject_rephrase"]], verbose=False)
+    assert _unchanged(model, state) and _hooks(model) == 0
+
+
+def test_memit_layers_outside_model(model, tokenizer, tmp_path):
+    state = _state(model)
+    with pytest.raises(LayoutError, match="outside"):
+        apply_rep_to_model(model, tokenizer, [dict(REQ)], rep_memit_hparams(tmp_path, layers=[2, 3, 4]))
+    with pytest.raises(LayoutError, match="outside"):
+        apply_rep_to_model(model, tokenizer, [dict(REQ)], rep_memit_hparams(tmp_path, layers=[-1, 1]))
+    assert _unchanged(model, state) and _hooks(model) == 0
+
+
+def test_batch_to_rep_r_rome_is_refused(model, tokenizer, tmp_path):
+    raw = _raw("REP-R-ROME", tmp_path, layers=[1], context_template_length_params=[[3, 5]])
+    hp = REPHyperParams.from_dict(raw)
+    state = _state(model)
+    with pytest.raises(EditRequestError, match="1 fact"):
+        apply_rep_to_model(model, tokenizer, [dict(REQ), dict(REQ2)], hp)
+    assert _unchanged(model, state) and _hooks(model) == 0

@@ -1,0 +1,564 @@
+"""Cost of one edit, stage by stage: ROME, REP-ROME, MEMIT, REP-MEMIT, and a reference loop.
+
+For each mode, one worker process (this script re-invoked with `--worker MODE`) loads the model,
+makes one warm-up edit (not counted), then edits `--cases` dev cases one at a time, each from the
+unedited model (`editing.apply_edit` + `editing.restore`, `torch.manual_seed(0)` before each), and
+records per edit:
+
+- wall: the whole `apply_edit` call;
+- context_templates: the backend's `get_context_templates` (cached by EasyEdit after the first
+  edit, so ~0 after the warm-up);
+- rep_keys / rep_train / rep_total: REP's own stage, from `request["rep"]["seconds"]`;
+- backend: the backend's value optimisation + weight update (REP: `request["rep"]["seconds"]
+  ["backend"]`; plain methods: the wall of the edit);
+- ROME family only: compute_u, compute_v (the installed EasyEdit ROME module's functions, wrapped
+  with timers for the run) and rome_update_rest = backend − compute_u − compute_v − templates
+  inside the backend (the rank-one update, its in-place add, the weight copies and restore).
+
+Peak resident memory: `ru_maxrss` of the worker at its end, and its RSS after loading the model
+(before any edit), so that the edits' own increment shows.
+
+Reference (worker `reference`): a training loop of the authors' kind (ElliottYan/RobustKeyEdit):
+`--reference-steps` steps (10), each a full forward and backward of the whole model on a batch of
+16 variant prompts (the subject variants in the edit prompt, right padded) with the adapter
+hooked at the edited layer through `pathway.pathway_installed` (soft gate, training mode) and our
+aggregation loss (`training.aggregation_loss`) on the adapted keys at the subject's last token,
+captured by a forward hook on the pathway. The model's weights are frozen (gradient reaches the
+adapter only), but the forward runs to the logits with autograd on and `loss.backward()` walks
+the recorded graph, as in the authors' code. Compared with our REP stage (keys + train).
+
+Covariance (worker `covariance`): `covariance.build_stats` on the cached corpus for layer 3 and for
+layers [2, 3, 4], into a temporary stats_dir: tokens/s and seconds per layer.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_edit.py                     # the full benchmark
+    OMP_NUM_THREADS=1 python benchmarks/bench_edit.py --cases 1 --modes ROME REP-ROME \
+        --reference-steps 2 --no-warmup --out /tmp/bench_check.json     # a functional check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "counterfact_smollm2_dev.json"
+MODES = ("ROME", "REP-ROME", "MEMIT", "REP-MEMIT")
+EXTRA_WORKERS = ("reference", "covariance")
+REFERENCE_BATCH = 16
+GOALS = {  # ratio -> (comparison, bound); the edit-time goal applies to both backends
+    "REP-ROME edit time / ROME edit time": ("<=", 1.15),
+    "REP-MEMIT / MEMIT": ("<=", 1.15),
+    "reference REP stage / our REP stage": (">=", 5.0),
+    "REP-ROME peak RSS / ROME peak RSS": ("<=", 1.1),
+}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _default_threads() -> int:
+    try:
+        return int(os.environ.get("OMP_NUM_THREADS", "")) or 2
+    except ValueError:
+        return 2
+
+
+def hparams_path(args, mode: str) -> Path:
+    return Path(args.hparams_root) / mode / f"{args.hparams_name}.yaml"
+
+
+def request_of(case: dict) -> dict:
+    return {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
+            "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
+            "case_id": case["case_id"]}
+
+
+def current_rss_kb() -> int:
+    """Resident set size now (kB), from /proc where there is one, else the peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return maxrss_kb()
+
+
+def maxrss_kb() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, kB on Linux
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def setup_worker(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from rep_easyedit.models import load_model_and_tokenizer
+
+    t0 = time.perf_counter()
+    model, tok = load_model_and_tokenizer(args.model, device=args.device)
+    load_s = time.perf_counter() - t0
+    memory = {"after_load_rss_kb": current_rss_kb(), "after_load_maxrss_kb": maxrss_kb()}
+    return model, tok, load_s, memory
+
+
+def select_cases(args) -> tuple[list[dict], dict | None]:
+    cases = json.loads(DATA.read_text())
+    measured = cases[args.case_offset:args.case_offset + args.cases]
+    if len(measured) < args.cases:
+        raise SystemExit(f"{DATA} has only {len(cases)} cases; --case-offset/--cases ask for more")
+    warm = None if args.no_warmup else cases[(args.case_offset + args.cases) % len(cases)]
+    return measured, warm
+
+
+# -- timers around the installed EasyEdit's functions ------------------------------------------
+
+class FunctionTimers:
+    """Wrap module functions with timers for the duration of a block, shims included.
+
+    The device shims (`compat.legacy_shims.DeviceLiteralShims`) swap some module attributes (e.g.
+    ROME's `compute_v`) for recompiled versions while an edit runs; a plain `setattr` would be
+    overwritten by them. So both the module attribute and the shim's replacement for that
+    attribute are wrapped, and both are put back on exit.
+    """
+
+    def __init__(self, module, names):
+        self.module, self.names = module, [n for n in names if callable(getattr(module, n, None))]
+        self.seconds = {n: 0.0 for n in self.names}
+        self.calls = {n: 0 for n in self.names}
+
+    def reset(self):
+        for n in self.names:
+            self.seconds[n], self.calls[n] = 0.0, 0
+
+    def _wrap(self, name, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+        timed.__bench_wrapped__ = fn
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self):
+        from rep_easyedit.compat.easyedit import device_shims
+
+        shims = device_shims()
+        saved_attrs = {n: getattr(self.module, n) for n in self.names}
+        saved_repl = list(shims.replacements)
+        try:
+            for n in self.names:
+                setattr(self.module, n, self._wrap(n, saved_attrs[n]))
+            shims.replacements = [
+                (o, a, orig, self._wrap(a, p)) if (o is self.module and a in self.names) else (o, a, orig, p)
+                for o, a, orig, p in saved_repl]
+            yield self
+        finally:
+            shims.replacements = saved_repl
+            for n, fn in saved_attrs.items():
+                setattr(self.module, n, fn)
+
+
+# -- workers --------------------------------------------------------------------------------
+
+def worker_mode(args, mode: str) -> dict:
+    import torch
+
+    from rep_easyedit.compat.easyedit import installed_algorithm
+    from rep_easyedit.editing import apply_edit, load_hparams, restore
+
+    model, tok, load_s, memory = setup_worker(args)
+    hp = load_hparams(hparams_path(args, mode))
+    base_name = getattr(hp, "backend_name", hp.alg_name)
+    notes = []
+    if getattr(hp, "mom2_adjustment", False):
+        notes += ensure_stats(args, model, tok, hp)
+    backend_fn = installed_algorithm(base_name)
+    module = importlib.import_module(getattr(backend_fn, "__rep_easyedit_original__", backend_fn).__module__)
+    rome_family = hasattr(module, "compute_u") and hasattr(module, "compute_v")
+    timers = FunctionTimers(module, ["get_context_templates"] + (["compute_u", "compute_v"] if rome_family else []))
+    measured, warm = select_cases(args)
+
+    def one_edit(case):
+        request = request_of(case)
+        timers.reset()
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        weights_copy = apply_edit(model, tok, [request], hp)
+        wall = time.perf_counter() - t0
+        restore(model, weights_copy)
+        row = {"case_id": case["case_id"], "wall": wall,
+               "context_templates": timers.seconds["get_context_templates"]}
+        templates_in_backend = timers.seconds["get_context_templates"]
+        rep = request.get("rep")
+        if rep is not None:
+            s = rep["seconds"]
+            row.update(rep_keys=s["keys"], rep_train=s["train"], rep_total=s["rep_total"],
+                       rep_stage=s["keys"] + s["train"], backend=s["backend"])
+            templates_in_backend = max(0.0, templates_in_backend - s["context_templates"])
+            tr = next(iter(rep["training"].values()), {}) if rep.get("training") else {}
+            row["training"] = {k: tr.get(k) for k in ("steps", "loss", "gate_pos_fire", "gate_neg_fire",
+                                                      "activation")}
+        else:
+            row["backend"] = wall
+        if rome_family:
+            row["compute_u"] = timers.seconds["compute_u"]
+            row["compute_v"] = timers.seconds["compute_v"]
+            row["rome_update_rest"] = row["backend"] - row["compute_u"] - row["compute_v"] - templates_in_backend
+        return row
+
+    memory["before_edits_maxrss_kb"] = maxrss_kb()
+    with timers.installed(), _quiet(args.verbose):
+        warm_row = one_edit(warm) if warm is not None else None
+        rows = [one_edit(case) for case in measured]
+    memory["peak_maxrss_kb"] = maxrss_kb()
+    memory["end_rss_kb"] = current_rss_kb()
+    memory["edit_increment_kb"] = memory["peak_maxrss_kb"] - memory["after_load_rss_kb"]
+    memory["peak_set_by_load"] = memory["peak_maxrss_kb"] <= memory["after_load_maxrss_kb"]
+    stages = sorted({k for r in rows for k, v in r.items() if isinstance(v, float)})
+    return {"mode": mode, "hparams": str(hparams_path(args, mode)), "backend": base_name,
+            "model_load_s": load_s, "memory": memory, "warmup": warm_row, "cases": rows,
+            "median": {k: median(r.get(k) for r in rows) for k in stages}, "notes": notes}
+
+
+def ensure_stats(args, model, tok, hp) -> list[str]:
+    """MEMIT needs covariance files; if any is missing, build them into a temp stats_dir (not timed
+    as part of the edit) rather than writing into the shared cache."""
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.covariance import build_stats, has_stats
+
+    missing = [layer for layer in hp.layers if not has_stats(model, hp, layer)]
+    if not missing:
+        return []
+    tmp = tempfile.mkdtemp(prefix="bench_edit_stats_")
+    texts = load_corpus(None, model, tok, progress=False)
+    hp.stats_dir = tmp
+    figures = build_stats(model, tok, hp, list(hp.layers), texts, progress=False)
+    note = (f"covariance statistics missing in the configured stats_dir for layers {missing}: built "
+            f"for layers {list(hp.layers)} into {tmp} in {figures['seconds']:.1f} s (not part of the edit)")
+    print(f"[bench_edit] {note}", file=sys.stderr, flush=True)
+    return [note]
+
+
+def reference_batch(request: dict, pert, rep, tok):
+    """Up to 16 variant prompts (cycled when fewer variants exist) and each one's subject-last index."""
+    from rep_easyedit.keys import subject_last_index
+    from rep_easyedit.perturbations import with_subject
+    from rep_easyedit.rep_main import _prompt_filled, training_variants
+
+    variants = training_variants(request, pert, [t for t in rep.train_on if t != "long"])
+    prompt, subject = _prompt_filled(request), request["subject"]
+    start = prompt.index(subject)
+    texts, positions = [], []
+    for i in range(REFERENCE_BATCH):
+        v = variants[i % len(variants)]
+        text = with_subject(prompt, subject, v)
+        texts.append(text)
+        positions.append(subject_last_index(tok, text, start + len(v)))
+    return texts, positions, len(variants)
+
+
+def worker_reference(args) -> dict:
+    import torch
+
+    from rep_easyedit.adapter import GatedLowRankAdapter
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.editing import load_hparams
+    from rep_easyedit.keys import collect_keys, model_device, subject_last_index
+    from rep_easyedit.pathway import pathway_installed
+    from rep_easyedit.perturbations import build_perturbations
+    from rep_easyedit.rep_main import _prompt_filled, edited_module_paths
+    from rep_easyedit.training import TrainingKeys, aggregation_loss
+
+    model, tok, load_s, memory = setup_worker(args)
+    hp = load_hparams(hparams_path(args, "REP-ROME"))
+    rep = hp.rep
+    layer, path = next(iter(edited_module_paths(model, hp.backend_hparams()).items()))
+    corpus = load_corpus(None, model, tok, seed=rep.seed, progress=False) if rep.n_long_contexts else []
+    device = model_device(model)
+    measured, warm = select_cases(args)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def one_loop(case):
+        request = request_of(case)
+        pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=0,
+                                   base_seed=rep.seed)
+        texts, positions, n_variants = reference_batch(request, pert, rep, tok)
+        # k*: the edit key (the subject's own prompt), collected once, outside the timed loop
+        prompt = _prompt_filled(request)
+        end = prompt.index(request["subject"]) + len(request["subject"])
+        k_star, _ = collect_keys(model, tok, [prompt], path, [subject_last_index(tok, prompt, end)])
+        torch.manual_seed(0)
+        dim = k_star.shape[-1]
+        adapter = GatedLowRankAdapter(dim, rep.rank, rep.gate_ratio, rep.tau)
+        keys = TrainingKeys(positives=k_star[:0], negatives=k_star[:0], target=k_star[0].to(device))
+        old_side = tok.padding_side
+        tok.padding_side = "right"
+        enc = tok(texts, return_tensors="pt", padding=True).to(device)
+        tok.padding_side = old_side
+        idx = torch.tensor(positions, device=device)
+        step_s = []
+        with pathway_installed(model, path, adapter) as pathway:
+            adapter.train()  # soft gate while training, as the authors do
+            opt = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=rep.lr)
+            box = {}
+            handle = pathway.register_forward_hook(lambda _m, _a, out: box.__setitem__("keys", out))
+            try:
+                t0 = time.perf_counter()
+                for _ in range(args.reference_steps):
+                    ts = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    out = model(**enc, use_cache=False)  # the whole model, autograd on
+                    adapted = box.pop("keys")[torch.arange(len(texts), device=device), idx].float()
+                    loss = aggregation_loss(adapted, keys, rep.aggregation, rep.aggregation_abs)
+                    loss.backward()
+                    opt.step()
+                    del out
+                    step_s.append(time.perf_counter() - ts)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                total = time.perf_counter() - t0
+            finally:
+                handle.remove()
+        return {"case_id": case["case_id"], "reference_stage": total, "steps": args.reference_steps,
+                "median_step": median(step_s), "batch": len(texts), "distinct_variants": n_variants,
+                "padded_length": int(enc["input_ids"].shape[1]), "final_loss": float(loss.detach())}
+
+    memory["before_edits_maxrss_kb"] = maxrss_kb()
+    try:
+        warm_row = one_loop(warm) if warm is not None else None
+        rows = [one_loop(case) for case in measured]
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    memory["peak_maxrss_kb"] = maxrss_kb()
+    memory["end_rss_kb"] = current_rss_kb()
+    memory["edit_increment_kb"] = memory["peak_maxrss_kb"] - memory["after_load_rss_kb"]
+    memory["peak_set_by_load"] = memory["peak_maxrss_kb"] <= memory["after_load_maxrss_kb"]
+    return {"mode": "reference", "layer": layer, "module": path, "model_load_s": load_s,
+            "memory": memory, "warmup": warm_row, "cases": rows,
+            "median": {"reference_stage": median(r["reference_stage"] for r in rows),
+                       "median_step": median(r["median_step"] for r in rows)}}
+
+
+def worker_covariance(args) -> dict:
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.covariance import build_stats
+    from rep_easyedit.editing import load_hparams
+
+    model, tok, load_s, memory = setup_worker(args)
+    hp = load_hparams(hparams_path(args, "ROME"))
+    texts = load_corpus(None, model, tok, progress=False)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench_edit_cov_") as tmp:
+        hp.stats_dir = tmp
+        for layers in ([3], [2, 3, 4]):
+            fig = build_stats(model, tok, hp, layers, texts, progress=False)
+            fig.pop("paths", None)
+            runs[",".join(map(str, layers))] = fig
+    memory["peak_maxrss_kb"] = maxrss_kb()
+    return {"mode": "covariance", "model_load_s": load_s, "memory": memory, "runs": runs}
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """EasyEdit prints per step; keep the benchmark's output readable unless --verbose."""
+    if verbose:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+def run_worker(args, name: str) -> dict:
+    with tempfile.NamedTemporaryFile(prefix=f"bench_edit_{name}_", suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", out,
+           "--model", args.model, "--hparams-root", args.hparams_root, "--hparams-name", args.hparams_name,
+           "--cases", str(args.cases), "--case-offset", str(args.case_offset), "--threads", str(args.threads),
+           "--reference-steps", str(args.reference_steps), "--device", str(args.device)]
+    if args.no_warmup:
+        cmd.append("--no-warmup")
+    if args.verbose:
+        cmd.append("--verbose")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    print(f"[bench_edit] worker {name} ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
+    elapsed = time.perf_counter() - t0
+    try:
+        if proc.returncode != 0:
+            return {"mode": name, "error": f"worker exited with {proc.returncode}", "worker_s": elapsed}
+        result = json.loads(Path(out).read_text())
+        result["worker_s"] = elapsed
+        print(f"[bench_edit] worker {name} done in {elapsed:.1f} s", flush=True)
+        return result
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def ratio(a, b):
+    return a / b if (a is not None and b) else None
+
+
+def summarize(results: dict) -> tuple[dict, list[str]]:
+    modes = results["modes"]
+    med = {m: r.get("median", {}) for m, r in modes.items() if "error" not in r}
+    peak = {m: r["memory"]["peak_maxrss_kb"] for m, r in modes.items() if "error" not in r}
+    ours = med.get("REP-ROME", {}).get("rep_stage")
+    ours_from = "REP-ROME"
+    if ours is None and med.get("REP-MEMIT", {}).get("rep_stage") is not None:
+        ours, ours_from = med["REP-MEMIT"]["rep_stage"], "REP-MEMIT (all its layers)"
+    ref = results.get("reference", {}).get("median", {}).get("reference_stage")
+    ratios = {
+        "REP-ROME edit time / ROME edit time": ratio(med.get("REP-ROME", {}).get("wall"), med.get("ROME", {}).get("wall")),
+        "REP-MEMIT / MEMIT": ratio(med.get("REP-MEMIT", {}).get("wall"), med.get("MEMIT", {}).get("wall")),
+        "reference REP stage / our REP stage": ratio(ref, ours),
+        "REP-ROME peak RSS / ROME peak RSS": ratio(peak.get("REP-ROME"), peak.get("ROME")),
+    }
+    lines = []
+    verdicts = {}
+    for name, value in ratios.items():
+        op, bound = GOALS[name]
+        if value is None:
+            verdicts[name] = "n/a"
+            lines.append(f"{name}: n/a (goal {op} {bound})")
+            continue
+        ok = value <= bound if op == "<=" else value >= bound
+        verdicts[name] = "PASS" if ok else "MISS"
+        extra = f" (ours from {ours_from})" if name.startswith("reference") else ""
+        lines.append(f"{name}: {value:.3f} (goal {op} {bound}) {verdicts[name]}{extra}")
+    return {"values": ratios, "goals": {k: f"{op} {b}" for k, (op, b) in GOALS.items()},
+            "verdicts": verdicts, "our_rep_stage_from": ours_from}, lines
+
+
+def markdown(results: dict) -> str:
+    cols = ["wall", "context_templates", "rep_keys", "rep_train", "rep_total", "backend",
+            "compute_u", "compute_v", "rome_update_rest"]
+    out = ["| mode | n | " + " | ".join(f"{c} s" for c in cols) + " | RSS after load MB | peak RSS MB | edit increment MB |",
+           "|---|---|" + "---|" * (len(cols) + 3)]
+
+    def f(x, fmt="{:.3f}"):
+        return "–" if x is None else fmt.format(x)
+
+    for mode, r in results["modes"].items():
+        if "error" in r:
+            out.append(f"| {mode} | – | {r['error']} |")
+            continue
+        m, mem = r["median"], r["memory"]
+        out.append(f"| {mode} | {len(r['cases'])} | " + " | ".join(f(m.get(c)) for c in cols)
+                   + f" | {mem['after_load_rss_kb'] / 1024:.0f} | {mem['peak_maxrss_kb'] / 1024:.0f}"
+                   + f" | {mem['edit_increment_kb'] / 1024:.0f} |")
+    ref = results.get("reference")
+    if ref and "error" not in ref:
+        mem = ref["memory"]
+        out += ["", "| reference (authors' kind) | n | steps | batch | stage s | step s | peak RSS MB | increment MB |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| layer {ref['layer']} | {len(ref['cases'])} | {ref['cases'][0]['steps']} | "
+                f"{ref['cases'][0]['batch']} | {f(ref['median']['reference_stage'])} | "
+                f"{f(ref['median']['median_step'])} | {mem['peak_maxrss_kb'] / 1024:.0f} | "
+                f"{mem['edit_increment_kb'] / 1024:.0f} |"]
+    cov = results.get("covariance")
+    if cov and "error" not in cov:
+        out += ["", "| covariance layers | texts | tokens | s | tokens/s | s per layer |", "|---|---|---|---|---|---|"]
+        for layers, fig in cov["runs"].items():
+            out.append(f"| {layers} | {fig['texts']} | {fig['tokens']} | {fig['seconds']:.2f} | "
+                       f"{fig['tokens_per_s']:.0f} | {fig['seconds_per_layer']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="bundled alias or a local model directory")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--cases", type=int, default=5, help="dev cases measured per mode")
+    ap.add_argument("--case-offset", type=int, default=0)
+    ap.add_argument("--reference-steps", type=int, default=10)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the uncounted warm-up edit")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-covariance", action="store_true")
+    ap.add_argument("--threads", type=int, default=_default_threads())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hparams-root", default=str(ROOT / "hparams"))
+    ap.add_argument("--hparams-name", default="smollm2-135m", help="hparams/<MODE>/<name>.yaml")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_edit.json"))
+    ap.add_argument("--verbose", action="store_true", help="keep EasyEdit's own prints")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        fn = {"reference": worker_reference, "covariance": worker_covariance}.get(args.worker)
+        result = fn(args) if fn else worker_mode(args, args.worker)
+        Path(args.worker_out).write_text(json.dumps(result, indent=1, default=float))
+        return
+
+    modes, skipped = [], {}
+    for mode in args.modes:
+        needs = {"ROME", "REP-ROME"} if mode.endswith("ROME") else {"MEMIT", mode}
+        absent = [m for m in sorted(needs) if not hparams_path(args, m).is_file()]
+        if absent:
+            note = f"skipped: {', '.join(str(hparams_path(args, m)) for m in absent)} absent"
+            print(f"[bench_edit] {mode} {note}", flush=True)
+            skipped[mode] = note
+        else:
+            modes.append(mode)
+
+    import torch
+
+    results = {
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "skipped": skipped, "modes": {},
+    }
+    for mode in modes:
+        results["modes"][mode] = run_worker(args, mode)
+    if not args.no_reference:
+        results["reference"] = run_worker(args, "reference")
+    if not args.no_covariance:
+        results["covariance"] = run_worker(args, "covariance")
+    results["ratios"], lines = summarize(results)
+    table = markdown(results)
+    results["markdown"] = table
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=float))
+    print()
+    print(f"threads {args.threads}, {args.cases} case(s) per mode, medians"
+          + (", no warm-up" if args.no_warmup else ", after one warm-up edit"))
+    print(table)
+    print()
+    for line in lines:
+        print(line)
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,8 @@ import inspect
 import os
 from typing import Callable, Iterator
 
-from .legacy_shims import DeviceLiteralShims, import_with_optional_stubs, layer_output_tuple_rewrite
+from .legacy_shims import (DeviceLiteralShims, import_with_optional_stubs, layer_output_tuple_rewrite,
+                           rank_one_dtype_rewrite)
 
 _SHIM_PREFIXES = ("easyeditor.editors", "easyeditor.evaluate", "easyeditor.models.rome",
                   "easyeditor.models.memit", "easyeditor.util")
@@ -24,9 +25,10 @@ def easyeditor():
     """The installed `easyeditor` package (imported once, with optional packages stubbed)."""
     if "module" not in _state:
         _state["module"] = import_with_optional_stubs("easyeditor")
-        rewrite = layer_output_tuple_rewrite()  # None where decoder layers return tuples
+        rewrites = [layer_output_tuple_rewrite(),  # None where decoder layers return tuples
+                    rank_one_dtype_rewrite()]
         _state["shims"] = DeviceLiteralShims(_SHIM_PREFIXES,
-                                             extra_rewrites=(rewrite,) if rewrite else ())
+                                             extra_rewrites=tuple(r for r in rewrites if r))
         _shim_alg_dict_entries(_state["shims"])
     return _state["module"]
 

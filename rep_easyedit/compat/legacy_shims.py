@@ -334,3 +334,16 @@ def layer_output_tuple_rewrite() -> SourceRewrite | None:
     return SourceRewrite("layer_output_tuple", _TUPLE_INDEX_MODULES,
                          pattern=r"\bcur_out\[0\]|\.output\[0\]",
                          replacements=_TUPLE_INDEX, helpers={_HIDDEN: hidden_state})
+
+
+# ROME's rank-one update `u.unsqueeze(1) @ v.unsqueeze(0)`: in the PyPI release `compute_v` returns
+# a float32 right vector while `compute_u` returns the key in the model's dtype, so a bfloat16 or
+# float16 model fails with "expected m1 and m2 to have the same dtype". The right vector is cast to
+# the left one's dtype (a no-op where they already agree).
+_RANK_ONE = r"\b(\w+)\.unsqueeze\(1\) @ (\w+)\.unsqueeze\(0\)"
+
+
+def rank_one_dtype_rewrite() -> SourceRewrite:
+    return SourceRewrite("rank_one_dtype", ("easyeditor.models.rome.rome_main",), pattern=_RANK_ONE,
+                         replacements=((_RANK_ONE, r"\1.unsqueeze(1) @ \2.to(\1.dtype).unsqueeze(0)"),),
+                         helpers={})

@@ -219,7 +219,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
                         f"benchmark evaluates (seed/settings/corpus differ)")
             t0 = time.perf_counter()
             with torch.no_grad():
-                result = evaluate_case(model, tok, record, pert, loc_ref, "fluency" in metrics,
+                result = evaluate_case(model, tok, record, pert, loc_ref,
+                                       "fluency" in metrics and fluency_tokens > 0,
                                        metrics=metrics, batch_size=batch_size,
                                        fluency_tokens=fluency_tokens)
             t_eval = time.perf_counter() - t0

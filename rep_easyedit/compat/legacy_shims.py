@@ -90,7 +90,9 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.created: list[str] = []
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] in self.roots:
+        # only EasyEdit's own imports get placeholders: availability checks by other libraries
+        # (transformers asks `importlib.util.find_spec("torchvision")`) must see the truth
+        if fullname.split(".")[0] in self.roots and _imported_by_easyeditor():
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -100,6 +102,18 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         return None
+
+
+def _imported_by_easyeditor() -> bool:
+    """Whether the innermost non-import-machinery frame belongs to an `easyeditor` module."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith(("importlib", "_frozen_importlib")) or name == __name__:
+            frame = frame.f_back
+            continue
+        return name.split(".")[0] == "easyeditor"
+    return False
 
 
 def _missing(names) -> set[str]:

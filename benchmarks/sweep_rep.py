@@ -103,7 +103,7 @@ def stage_sweep(model, tok, cases, grid: str, out_path: Path):
     from rep_easyedit.compat.easyedit import shims_applied
 
     with shims_applied():
-        templates = get_backend("ROME").context_templates(model, tok, base_hp)
+        template_groups = get_backend("ROME").context_templates(model, tok, base_hp)
     rows = []
     settings = [None] + GRIDS[grid]  # None = plain ROME
     for case in cases:
@@ -125,7 +125,7 @@ def stage_sweep(model, tok, cases, grid: str, out_path: Path):
             t0 = time.perf_counter()
             adapters = []
             if setting is not None:
-                adapters = fit_adapters(model, tok, dict(req), pert, templates, {3: "model.layers.3.mlp.down_proj"},
+                adapters = fit_adapters(model, tok, dict(req), pert, template_groups, {3: "model.layers.3.mlp.down_proj"},
                                         hp.rep, corpus)
             t_rep = time.perf_counter() - t0
             try:

@@ -24,23 +24,24 @@ class Backend:
     name: str
     apply: Callable
     hparams_cls: type
-    context_templates: Callable  # (model, tok, backend_hparams) -> list[str] with one "{}"
+    context_templates: Callable  # (model, tok, backend_hparams) -> groups of "{}" templates
     max_batch: int | None         # None: any number of requests per call
 
 
 def _length_param_templates(alg: str):
-    """ROME-style: `get_context_templates(model, tok, length_params)` -> flat list."""
+    """ROME-style: `get_context_templates(model, tok, length_params)`; k* is their plain mean."""
     def templates(model, tok, hp):
         mod = importlib.import_module(_module_of(installed_algorithm(alg)))
-        return _flat(mod.get_context_templates(model, tok, hp.context_template_length_params))
+        return [_flat(mod.get_context_templates(model, tok, hp.context_template_length_params))]
     return templates
 
 
 def _grouped_templates(alg: str):
-    """MEMIT-style: `get_context_templates(model, tok)` -> templates grouped by length."""
+    """MEMIT-style: `get_context_templates(model, tok)`, grouped by length; k* is the mean of
+    the group means (as MEMIT's compute_ks takes it)."""
     def templates(model, tok, hp):
         mod = importlib.import_module(_module_of(installed_algorithm(alg)))
-        return _flat(mod.get_context_templates(model, tok))
+        return [g if isinstance(g, list) else [g] for g in mod.get_context_templates(model, tok)]
     return templates
 
 

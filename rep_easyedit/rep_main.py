@@ -22,7 +22,7 @@ from .backends import get_backend, templates_keyed_by_model
 from .compat.easyedit import editor_uses_sequential_flag, shims_applied
 from .hparams import REPHyperParams
 from .keys import collect_keys, subject_last_index
-from .pathway import detach_adapter, get_module, install, prune_inactive
+from .pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .perturbations import Perturbations, build_perturbations, with_context, with_subject
 from .requests import validate_requests
 from .training import TrainingKeys, train_adapter
@@ -104,8 +104,14 @@ def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -
     return list(dict.fromkeys(variants))
 
 
-def gather_training_keys(model, tok, request: dict, pert: Perturbations, templates: list[str],
+def gather_training_keys(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                          path: str, rep, corpus: list[str], rng: np.random.Generator) -> TrainingKeys:
+    """Positives, negatives and the edit key k* at one module, from one batched key collection.
+
+    k* is the backend's own: the subject's key averaged over each group of context templates,
+    then over groups (ROME: one group; MEMIT/EMMET: one group per template length).
+    """
+    templates = [t for group in template_groups for t in group]
     variants = training_variants(request, pert, rep.train_on)
     contexts = pert.long_in if "long" in rep.train_on else []
     pos_texts = _variant_texts(request, variants, templates, contexts)
@@ -114,7 +120,9 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     positions = [subject_last_index(tok, t, end) for t, end in pos_texts + target_texts]
     picked, every = collect_keys(model, tok, texts, path, positions, all_tokens=True)
     n_pos = len(pos_texts)
-    target = picked[n_pos:].mean(0)
+    subject_keys = picked[n_pos:]
+    sizes = [len(g) for g in template_groups]
+    target = torch.stack([chunk.mean(0) for chunk in torch.split(subject_keys, sizes)]).mean(0)
     negatives = []
     for i in range(n_pos):
         keep = torch.ones(len(every[i]), dtype=torch.bool)
@@ -131,35 +139,40 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     return TrainingKeys(positives=picked[:n_pos], negatives=negatives, target=target)
 
 
-def fit_adapters(model, tok, request: dict, pert: Perturbations, templates: list[str],
+def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                  paths: dict[int, str], rep, corpus: list[str],
                  inverse_covariance: dict[int, torch.Tensor] | None = None):
-    """Train one adapter per edited layer for one request; nothing is installed here.
+    """Train one adapter per edited layer for one request; nothing stays installed.
 
-    Returns [(module path, adapter, TrainingReport)], the report carrying the seconds spent
-    collecting keys and training.
+    Layers are trained bottom-up, each lower adapter installed while the keys of the layers above
+    are collected, so a higher adapter learns on the keys it will see at use time (a lower
+    adapter changes the inputs of every layer above it). Returns [(module path, adapter,
+    TrainingReport)], the report carrying the seconds spent collecting keys and training.
     """
     fitted = []
-    for layer, path in paths.items():
-        rng = np.random.default_rng(pert.seed + layer)
-        t0 = time.perf_counter()
-        keys = gather_training_keys(model, tok, request, pert, templates, path, rep, corpus, rng)
-        if inverse_covariance and layer in inverse_covariance:
-            keys.target_whitened = inverse_covariance[layer].float().cpu() @ keys.target
-        t_keys = time.perf_counter() - t0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(pert.seed + layer)
-            adapter = GatedLowRankAdapter(keys.positives.shape[-1], rep.rank, rep.gate_ratio, rep.tau)
-        adapter.to(get_module(model, path).weight.device)
-        t1 = time.perf_counter()
-        report = train_adapter(adapter, keys, steps=rep.steps, lr=rep.lr, alpha=rep.alpha,
-                               gate_weight=rep.gate_weight, aggregation=rep.aggregation,
-                               use_abs=rep.aggregation_abs)
-        report.seconds_keys = t_keys
-        report.seconds_train = time.perf_counter() - t1
-        for p in adapter.parameters():
-            p.requires_grad_(False)
-        fitted.append((path, adapter, report))
+    with contextlib.ExitStack() as lower_adapters:
+        for layer, path in sorted(paths.items()):
+            rng = np.random.default_rng(pert.seed + layer)
+            t0 = time.perf_counter()
+            keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng)
+            if inverse_covariance and layer in inverse_covariance:
+                keys.target_whitened = inverse_covariance[layer].float().cpu() @ keys.target
+            t_keys = time.perf_counter() - t0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(pert.seed + layer)
+                adapter = GatedLowRankAdapter(keys.positives.shape[-1], rep.rank, rep.gate_ratio, rep.tau)
+            adapter.to(get_module(model, path).weight.device)
+            t1 = time.perf_counter()
+            report = train_adapter(adapter, keys, steps=rep.steps, lr=rep.lr, alpha=rep.alpha,
+                                   gate_weight=rep.gate_weight, aggregation=rep.aggregation,
+                                   use_abs=rep.aggregation_abs)
+            report.seconds_keys = t_keys
+            report.seconds_train = time.perf_counter() - t1
+            for p in adapter.parameters():
+                p.requires_grad_(False)
+            fitted.append((path, adapter, report))
+            if len(fitted) < len(paths):
+                lower_adapters.enter_context(pathway_installed(model, path, adapter))
     return fitted
 
 

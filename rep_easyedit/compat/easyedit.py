@@ -11,6 +11,8 @@ import copy
 import functools
 import inspect
 import os
+import sys
+import types
 from typing import Callable, Iterator
 
 from .legacy_shims import (DeviceLiteralShims, import_with_optional_stubs, layer_output_tuple_rewrite,
@@ -187,6 +189,12 @@ def patch_editor() -> None:
         setattr(cls, method_name, make(target))
     if "_prepare_requests" in vars(cls):
         cls._prepare_requests = _with_rep_fields(vars(cls)["_prepare_requests"])
+    else:
+        # upstream: a module-level function the editor's module imports from `editors.utils`
+        module = sys.modules.get(cls.__module__)
+        prepare = getattr(module, "_prepare_requests", None)
+        if isinstance(prepare, types.FunctionType):
+            module._prepare_requests = _with_rep_fields(prepare, method=False)
     patch_batchable()
     cls.__rep_easyedit_patched__ = True
 
@@ -195,24 +203,33 @@ def patch_editor() -> None:
 REQUEST_FIELDS = ("subject_rephrase", "rephrase_subjects", "case_id")
 
 
-def _with_rep_fields(prepare):
-    @functools.wraps(prepare)
-    def _prepare_requests(self, prompts, *args, **kwargs):
-        requests = prepare(self, prompts, *args, **kwargs)
-        for key in REQUEST_FIELDS:
-            values = kwargs.get(key)
-            if values is None:
-                continue
-            if len(requests) == 1 and (isinstance(values, (str, int)) or
-                                       (key != "case_id" and values and isinstance(values[0], str))):
-                values = [values]
-            if len(values) != len(requests):
-                raise ValueError(f"`{key}` has {len(values)} entries for {len(requests)} prompts; "
-                                 f"give one per prompt")
-            for request, value in zip(requests, values):
-                request.setdefault(key, value)
-        return requests
+def _with_rep_fields(prepare, method: bool = True):
+    """Wrap a `_prepare_requests`: the editor's method (legacy) or a plain function (upstream)."""
+    if method:
+        @functools.wraps(prepare)
+        def _prepare_requests(self, prompts, *args, **kwargs):
+            return _add_rep_fields(prepare(self, prompts, *args, **kwargs), kwargs)
+    else:
+        @functools.wraps(prepare)
+        def _prepare_requests(prompts, *args, **kwargs):
+            return _add_rep_fields(prepare(prompts, *args, **kwargs), kwargs)
     return _prepare_requests
+
+
+def _add_rep_fields(requests, kwargs):
+    for key in REQUEST_FIELDS:
+        values = kwargs.get(key)
+        if values is None:
+            continue
+        if len(requests) == 1 and (isinstance(values, (str, int)) or
+                                   (key != "case_id" and values and isinstance(values[0], str))):
+            values = [values]
+        if len(values) != len(requests):
+            raise ValueError(f"`{key}` has {len(values)} entries for {len(requests)} prompts; "
+                             f"give one per prompt")
+        for request, value in zip(requests, values):
+            request.setdefault(key, value)
+    return requests
 
 
 # -- batch editing ------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ OPTIONAL_IMPORTS = (
     "higher", "timm", "torchvision", "iopath", "fairscale", "cv2", "openai", "peft",
     "sentence_transformers", "datasets", "nltk", "sklearn", "seaborn", "pandas", "einops",
     "PIL", "knowledge_neurons", "zhipuai", "qwen_vl_utils", "decord", "av",
+    "rouge",  # upstream EasyEdit's evaluate_uns / evaluate_cknowedit
 )
 
 
@@ -174,6 +175,9 @@ def import_with_optional_stubs(module: str = "easyeditor"):
 # f"cuda:{...}" literals
 
 _CUDA_LITERAL = re.compile(r"""f(["'])cuda:\{([^{}]+)\}\1""")
+# a function that already tells an index from a device name before building the literal (upstream's
+# `normalize_device`: `isinstance(device, int)`, `device_str.isdigit()`) needs no resolver
+_RESOLVES_ITSELF = re.compile(r"\.isdigit\(\)|\bisinstance\([^()]*,\s*int\)")
 _RESOLVER = "_rep_easyedit_device"
 
 
@@ -191,11 +195,14 @@ def _patched_function(func: types.FunctionType,
     except (OSError, TypeError):
         return None
     extras = [r for r in extra_rewrites if r.applies_to(func, source)]
-    if not _CUDA_LITERAL.search(source) and not extras:
+    cuda_literal = bool(_CUDA_LITERAL.search(source)) and not _RESOLVES_ITSELF.search(source)
+    if not cuda_literal and not extras:
         return None
     if func.__code__.co_freevars:  # closures (e.g. methods using super()) are left alone
         return None
-    new_source = _CUDA_LITERAL.sub(lambda m: f"{_RESOLVER}({m.group(2)})", source)
+    new_source = source
+    if cuda_literal:
+        new_source = _CUDA_LITERAL.sub(lambda m: f"{_RESOLVER}({m.group(2)})", source)
     for rewrite in extras:
         new_source = rewrite.rewrite(new_source)
         for name, helper in rewrite.helpers.items():
@@ -212,7 +219,7 @@ def _patched_function(func: types.FunctionType,
     patched.__kwdefaults__ = func.__kwdefaults__
     patched.__qualname__ = func.__qualname__
     patched.__rep_easyedit_original__ = func
-    patched.__rep_easyedit_rewrites__ = ("cuda_literal",) * bool(_CUDA_LITERAL.search(source)) + \
+    patched.__rep_easyedit_rewrites__ = ("cuda_literal",) * cuda_literal + \
         tuple(r.name for r in extras)
     return patched
 

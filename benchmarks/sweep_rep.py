@@ -32,16 +32,6 @@ REP_YAML = ROOT / "hparams" / "REP-ROME" / "smollm2-135m.yaml"
 ROME_YAML = ROOT / "hparams" / "ROME" / "smollm2-135m.yaml"
 
 GRIDS = {
-    "small": [
-        {"label": "paper (10 steps, lr 5e-4, α 5e4, cosine, no gate loss)", "steps": 10, "lr": 5e-4,
-         "alpha": 5e4, "aggregation": "cosine", "gate_weight": 0.0, "corpus_negative_texts": 0},
-        {"label": "match, 100 steps, lr 1e-3, gate BCE", "steps": 100, "lr": 1e-3},
-        {"label": "match, 200 steps, lr 1e-3, gate BCE", "steps": 200, "lr": 1e-3},
-        {"label": "match, 100 steps, lr 3e-3, gate BCE", "steps": 100, "lr": 3e-3},
-        {"label": "match, 100 steps, τ 0.8", "steps": 100, "lr": 1e-3, "tau": 0.8},
-        {"label": "match, 100 steps, rank 8", "steps": 100, "lr": 1e-3, "rank": 8},
-    ],
-    # name -> list of overrides of the `rep:` section
     "default": [
         {"label": "paper (10 steps, lr 5e-4, α 5e4, cosine, no gate loss)", "steps": 10, "lr": 5e-4,
          "alpha": 5e4, "aggregation": "cosine", "gate_weight": 0.0, "corpus_negative_texts": 0},
@@ -56,6 +46,11 @@ GRIDS = {
         {"label": "match, 100 steps, rank 8", "steps": 100, "lr": 1e-3, "rank": 8},
     ],
 }
+
+
+# the grid run on cases 21-25 (case 20 ran "default"): the settings that moved anything there
+GRIDS["small"] = [g for g in GRIDS["default"]
+                  if not any(w in g["label"] for w in ("no shuffles", "τ 0.95", "4096"))]
 
 
 def parse_cases(spec: str) -> slice:

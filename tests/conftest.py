@@ -56,3 +56,24 @@ def request_from_case(case: dict) -> dict:
     return {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
             "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
             "case_id": case["case_id"]}
+
+
+def tiny_hparams_dict(alg: str, tmp_path, **changes) -> dict:
+    """The shipped SmolLM2 hparams of `alg`, cut down for the tiny model (layer 1, 2 value steps,
+    few templates, no long contexts). `rep_<field>=` changes a field of the `rep:` section."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / f"hparams/{alg}/smollm2-135m.yaml").read_text())
+    # v_num_grad_steps 2: ROME's compute_v breaks before its optimiser step on the last
+    # iteration, so with 1 step `delta` stays 0 and the edit is a no-op
+    raw.update(layers=[1], v_loss_layer=3, v_num_grad_steps=2, stats_dir=str(tmp_path / "stats"))
+    if "context_template_length_params" in raw:
+        raw["context_template_length_params"] = [[3, 5]]
+    if "rep" in raw:
+        raw["rep"].update(steps=5, n_long_contexts=0, corpus_negative_texts=0)
+    for key, value in changes.items():
+        if key.startswith("rep_"):
+            raw["rep"][key[4:]] = value
+        else:
+            raw[key] = value
+    return raw

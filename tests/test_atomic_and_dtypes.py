@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import rep_easyedit.rep_main as rep_main
+from conftest import tiny_hparams_dict
 from rep_easyedit import REPHyperParams, apply_rep_to_model
 from rep_easyedit.adapter import GatedLowRankAdapter
 from rep_easyedit.backends import get_backend
@@ -22,18 +22,7 @@ TWO_LAYERS = dict(layers=[1, 2])
 
 
 def cheap_hparams(tmp_path, **changes):
-    raw = yaml.safe_load((ROOT / "hparams/REP-ROME/smollm2-135m.yaml").read_text())
-    # v_num_grad_steps 2: ROME's compute_v breaks before its optimiser step on the last
-    # iteration, so with 1 step `delta` stays 0 and the edit is a no-op
-    raw.update(layers=[1], v_loss_layer=3, v_num_grad_steps=2, context_template_length_params=[[3, 5]],
-               stats_dir=str(tmp_path / "stats"))
-    raw["rep"].update(steps=2, n_long_contexts=0, corpus_negative_texts=0)
-    for k, v in changes.items():
-        if k.startswith("rep_"):
-            raw["rep"][k[4:]] = v
-        else:
-            raw[k] = v
-    return REPHyperParams.from_dict(raw)
+    return REPHyperParams.from_dict(tiny_hparams_dict("REP-ROME", tmp_path, **{"rep_steps": 2, **changes}))
 
 
 def full_state(model):

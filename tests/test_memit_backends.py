@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import rep_easyedit
+from conftest import tiny_hparams_dict
 from rep_easyedit import EditRequestError, LayoutError, REPHyperParams, apply_rep_to_model
 from rep_easyedit.pathway import installed_paths
 
@@ -25,18 +26,10 @@ TEXTS = [f"Some text number {i} about cars, towers, cities and the people who ma
 
 
 def _raw(name: str, tmp_path, **changes) -> dict:
-    raw = yaml.safe_load((ROOT / f"hparams/{name}/smollm2-135m.yaml").read_text())
-    raw.update(model_name="tiny", layers=LAYERS, v_loss_layer=3, v_num_grad_steps=2,
-               lm_head_module="lm_head",  # the tiny model does not tie its embeddings
-               stats_dir=str(tmp_path / "stats"), mom2_n_samples=1000)
-    if "rep" in raw:
-        raw["rep"].update(steps=5, n_long_contexts=0, corpus_negative_texts=0)
-    for k, v in changes.items():
-        if k.startswith("rep_"):
-            raw["rep"][k[4:]] = v
-        else:
-            raw[k] = v
-    return raw
+    changes = {"model_name": "tiny", "layers": LAYERS,
+               "lm_head_module": "lm_head",  # the tiny model does not tie its embeddings
+               "mom2_n_samples": 1000, **changes}
+    return tiny_hparams_dict(name, tmp_path, **changes)
 
 
 def memit_hparams(tmp_path, **changes):

@@ -2,27 +2,17 @@
 
 import pytest
 import torch
-import yaml
-from pathlib import Path
 
 import rep_easyedit
 from rep_easyedit import EditRequestError, LayoutError, REPHyperParams, apply_rep_to_model
 from rep_easyedit.pathway import installed_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import tiny_hparams_dict
+
 
 
 def tiny_hparams(tmp_path, **changes):
-    raw = yaml.safe_load((ROOT / "hparams/REP-ROME/smollm2-135m.yaml").read_text())
-    raw.update(layers=[1], v_loss_layer=3, v_num_grad_steps=2, context_template_length_params=[[3, 5]],
-               stats_dir=str(tmp_path / "stats"))
-    raw["rep"].update(steps=5, n_long_contexts=0, corpus_negative_texts=0)
-    for k, v in changes.items():
-        if k.startswith("rep_"):
-            raw["rep"][k[4:]] = v
-        else:
-            raw[k] = v
-    return REPHyperParams.from_dict(raw)
+    return REPHyperParams.from_dict(tiny_hparams_dict("REP-ROME", tmp_path, **changes))
 
 
 REQ = {"prompt": "Ferrari F355 is produced by", "subject": "Ferrari F355", "target_new": "BMW",

@@ -240,13 +240,14 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                 from .corpus import load_corpus
 
                 corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
+            inverse_covariance = _inverse_covariances(model, base_hp, paths, rep)
             for request in requests:
                 t1 = time.perf_counter()
                 pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles,
                                            n_long=rep.n_long_contexts,
                                            long_tokens=rep.long_context_tokens, base_seed=rep.seed)
                 fitted = fit_adapters(model, tok, request, pert, templates, paths, rep, corpus,
-                                      inverse_covariance=_inverse_covariances(model, base_hp, paths, rep))
+                                      inverse_covariance=inverse_covariance)
                 reports = {}
                 for path, adapter, report in fitted:
                     install(model, path, adapter)

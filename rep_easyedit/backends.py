@@ -104,5 +104,6 @@ def templates_keyed_by_model(model, backend: Backend):
     try:
         yield
     finally:
-        per_model[mod.__name__] = mod.CONTEXT_TEMPLATES_CACHE
+        if mod.CONTEXT_TEMPLATES_CACHE is not None:  # nested blocks must not clobber the outer's
+            per_model[mod.__name__] = mod.CONTEXT_TEMPLATES_CACHE
         mod.CONTEXT_TEMPLATES_CACHE = saved

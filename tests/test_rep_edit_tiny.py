@@ -122,3 +122,16 @@ def test_missing_covariance_is_a_clear_error(tiny_model, tokenizer, tmp_path):
 def test_batch_to_single_fact_backend(tiny_model, tokenizer, tmp_path):
     with pytest.raises(EditRequestError, match="1 fact"):
         apply_rep_to_model(tiny_model, tokenizer, [dict(REQ), dict(REQ)], tiny_hparams(tmp_path))
+
+
+def test_context_templates_are_generated_once_per_model(tiny_model, tokenizer, tmp_path):
+    """EasyEdit's template cache is a module global; REP keeps it per model, nested calls included."""
+    from rep_easyedit.editing import apply_edit, restore
+
+    hp = tiny_hparams(tmp_path)
+    seconds = []
+    for _ in range(2):
+        req = dict(REQ)
+        restore(tiny_model, apply_edit(tiny_model, tokenizer, [req], hp))
+        seconds.append(req["rep"]["seconds"]["context_templates"])
+    assert seconds[1] < 0.01 < seconds[0] or seconds[1] < seconds[0] / 10

@@ -124,14 +124,21 @@ def test_batch_to_single_fact_backend(tiny_model, tokenizer, tmp_path):
         apply_rep_to_model(tiny_model, tokenizer, [dict(REQ), dict(REQ)], tiny_hparams(tmp_path))
 
 
-def test_context_templates_are_generated_once_per_model(tiny_model, tokenizer, tmp_path):
+def test_context_templates_are_generated_once_per_model(tiny_model, tokenizer, tmp_path, monkeypatch):
     """EasyEdit's template cache is a module global; REP keeps it per model, nested calls included."""
+    import importlib
+
+    from rep_easyedit.compat.easyedit import installed_algorithm
     from rep_easyedit.editing import apply_edit, restore
 
+    fn = installed_algorithm("ROME")
+    rome_main = importlib.import_module(getattr(fn, "__rep_easyedit_original__", fn).__module__)
+    calls = []
+    real = rome_main.generate_fast
+    monkeypatch.setattr(rome_main, "generate_fast", lambda *a, **k: calls.append(1) or real(*a, **k))
     hp = tiny_hparams(tmp_path)
-    seconds = []
+    counts = []
     for _ in range(2):
-        req = dict(REQ)
-        restore(tiny_model, apply_edit(tiny_model, tokenizer, [req], hp))
-        seconds.append(req["rep"]["seconds"]["context_templates"])
-    assert seconds[1] < 0.01 < seconds[0] or seconds[1] < seconds[0] / 10
+        restore(tiny_model, apply_edit(tiny_model, tokenizer, [dict(REQ)], hp))
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[1] == counts[0]

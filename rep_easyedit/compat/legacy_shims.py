@@ -40,7 +40,7 @@ from typing import Iterator
 # does not use (multimodal editors, trainers, API editors, metrics we compute ourselves).
 OPTIONAL_IMPORTS = (
     "higher", "timm", "torchvision", "iopath", "fairscale", "cv2", "openai", "peft",
-    "sentence_transformers", "datasets", "nltk", "sklearn", "seaborn", "pandas", "einops",
+    "sentence_transformers", "datasets", "nltk", "scipy", "sklearn", "seaborn", "pandas", "einops",
     "PIL", "knowledge_neurons", "zhipuai", "qwen_vl_utils", "decord", "av",
     "rouge",  # upstream EasyEdit's evaluate_uns / evaluate_cknowedit
 )

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-TOKENIZER_DIR = "/root/.cache/rep_easyedit/models/SmolLM2-135M-Instruct"
 TEMPLATES = ["{}", "Hello there. {}", "I went home yesterday. {}"]
 GROUPED = [["{}"], ["Hello there. {}", "I went home yesterday. {}"]]
 REQUESTS = [
@@ -19,27 +17,14 @@ REQUESTS = [
 ]
 LAYER = 1
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(TOKENIZER_DIR), reason="tokenizer not available")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    t.padding_side = "right"
-    t.pad_token = t.eos_token
-    return t
+@pytest.fixture()
+def tok(tokenizer):
+    return tokenizer
 
 
 @pytest.fixture()
-def model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok))
-    return LlamaForCausalLM(cfg).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 def _common(**over):

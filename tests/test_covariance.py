@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-TOKENIZER_DIR = "/root/.cache/rep_easyedit/models/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(autouse=True)
@@ -18,14 +17,11 @@ def _tmp_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
+def tok(tokenizer):
     from rep_easyedit.models import prepare_tokenizer
 
-    t = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    prepare_tokenizer(t)
-    return t
+    prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 @pytest.fixture(scope="module")

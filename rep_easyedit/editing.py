@@ -46,15 +46,13 @@ def apply_edit(model, tok, requests: list[dict], hparams):
         raise ValueError(f"alg_name {hparams.alg_name!r} is not registered with EasyEdit")
     from .backends import get_backend, templates_keyed_by_model
 
+    from .models import padding_side
+
     base = getattr(hparams, "backend_name", hparams.alg_name)
-    old = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        with shims_applied(), templates_keyed_by_model(model, get_backend(base)):
-            _, weights_copy = apply(model, tok, requests, hparams, copy=False,
-                                    return_orig_weights=True, keep_original_weight=True)
-    finally:
-        tok.padding_side = old
+    with padding_side(tok, "right"), shims_applied(), \
+            templates_keyed_by_model(model, get_backend(base)):
+        _, weights_copy = apply(model, tok, requests, hparams, copy=False,
+                                return_orig_weights=True, keep_original_weight=True)
     return weights_copy
 
 

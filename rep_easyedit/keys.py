@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .models import padding_side
 from .pathway import get_module
 
 
@@ -79,9 +80,7 @@ def collect_keys(model: nn.Module, tok, texts: Sequence[str], module_path: str,
     module = get_module(model, module_path)
     device = model_device(model)
     picked, every = [], []
-    old_side = tok.padding_side
-    tok.padding_side = "right"
-    try:
+    with padding_side(tok, "right"):
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start:start + batch_size])
             enc = tok(chunk, return_tensors="pt", padding=True).to(device)
@@ -99,6 +98,4 @@ def collect_keys(model: nn.Module, tok, texts: Sequence[str], module_path: str,
                 picked.append(keys[torch.arange(len(chunk)), idx])
             if all_tokens:
                 every.extend(keys[i][mask[i]] for i in range(len(chunk)))
-    finally:
-        tok.padding_side = old_side
     return (torch.cat(picked) if positions is not None else None), (every if all_tokens else None)

@@ -7,11 +7,13 @@ there afterwards (under 2 s).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -97,6 +99,21 @@ def load_model_and_tokenizer(name: str, device: str | int | None = "cpu",
     if dev is not None:
         model.to(dev)
     return model, tok
+
+
+@contextlib.contextmanager
+def padding_side(tok, side: str = "right") -> Iterator[None]:
+    """Pad on `side` for the block, then put the tokenizer's own setting back.
+
+    ROME-style code (EasyEdit's and ours) indexes the last real token assuming right padding;
+    generation needs left padding.
+    """
+    old = tok.padding_side
+    tok.padding_side = side
+    try:
+        yield
+    finally:
+        tok.padding_side = old
 
 
 def prepare_tokenizer(tok) -> None:

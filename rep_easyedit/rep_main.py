@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy as copy_module
 import time
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from .backends import get_backend, templates_keyed_by_model
 from .compat.easyedit import editor_uses_sequential_flag, shims_applied
 from .hparams import REPHyperParams
 from .keys import collect_keys, subject_last_index
+from .models import padding_side
 from .pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .perturbations import Perturbations, build_perturbations, with_context, with_subject
 from .requests import validate_requests
@@ -60,17 +60,6 @@ def edited_module_paths(model, base_hp) -> dict[int, str]:
             raise LayoutError(f"`rewrite_module_tmp` gives {path}, which has no weight to edit")
         paths[layer] = path
     return paths
-
-
-@contextlib.contextmanager
-def right_padding(tok) -> Iterator[None]:
-    """ROME-style backends index the last real token assuming right padding."""
-    old = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        yield
-    finally:
-        tok.padding_side = old
 
 
 def _prompt_filled(request: dict) -> str:
@@ -231,7 +220,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
     installed: list[tuple[str, GatedLowRankAdapter]] = []
     rep = hparams.rep
     try:
-        with right_padding(tok), shims_applied(), templates_keyed_by_model(model, backend):
+        with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
             t0 = time.perf_counter()
             templates = backend.context_templates(model, tok, base_hp)
             t_templates = time.perf_counter() - t0

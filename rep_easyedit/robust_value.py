@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .keys import model_device, subject_last_index
+from .models import padding_side
 from .pathway import get_module
 
 
@@ -59,12 +60,8 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
     lookup = [subject_last_index(tok, t, end) for t, end in rewriting] + \
              [subject_last_index(tok, kl_text, len(subject))]
 
-    old_side = tok.padding_side
-    tok.padding_side = "right"
-    try:
+    with padding_side(tok, "right"):
         enc = tok(texts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tok.padding_side = old_side
     n_rw = len(rewriting)
     labels = torch.full(enc["input_ids"].shape, -100, device=device)
     lengths = enc["attention_mask"].sum(1)

@@ -202,8 +202,10 @@ def test_rep_side_runs_in_low_precision(tiny_model, tokenizer, tmp_path, dtype):
     hp = cheap_hparams(tmp_path, rep_steps=20)
     req = dict(REQ)
     pert = build_perturbations(req, tokenizer, [], n_shuffles=4, n_long=0, long_tokens=16, base_seed=0)
-    with rep_main.right_padding(tokenizer):
-        fitted = rep_main.fit_adapters(model, tokenizer, req, pert, ["{}", "Some text. {}"],
+    from rep_easyedit.models import padding_side
+
+    with padding_side(tokenizer, "right"):
+        fitted = rep_main.fit_adapters(model, tokenizer, req, pert, [["{}", "Some text. {}"]],
                                        {1: "model.layers.1.mlp.down_proj"}, hp.rep, [])
     (path, adapter, report), = fitted
     assert all(p.dtype == torch.float32 for p in adapter.parameters())

@@ -171,16 +171,13 @@ def legacy_context(tok) -> Iterator[None]:
     """Device shims for old EasyEdit + right padding (ROME's value/key code assumes it)."""
     from ..compat.easyedit import shims_applied
 
-    side = getattr(tok, "padding_side", "right")
+    from ..models import padding_side
+
     if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
         LOG.warning("tokenizer has no pad token; using eos as pad for the edit")
         tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    try:
-        with shims_applied():
-            yield
-    finally:
-        tok.padding_side = side
+    with padding_side(tok, "right"), shims_applied():
+        yield
 
 
 def get_context_templates(model, tok, length_params) -> List[str]:

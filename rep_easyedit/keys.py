@@ -7,7 +7,6 @@ layer L costs L/N of a forward pass. Hooks are always removed.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -43,12 +42,6 @@ def model_device(model: nn.Module) -> torch.device:
     if emb is not None:
         return emb.weight.device
     return next(model.parameters()).device
-
-
-@dataclass
-class TokenizedTexts:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
 
 
 def subject_last_index(tok, text: str, char_end: int) -> int:

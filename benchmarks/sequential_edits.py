@@ -8,6 +8,7 @@ locality against the unedited model's predictions. Compare base and REP methods 
 
     OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --alg REP-ROME --n 5 --out benchmarks/results/seq
     OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --alg ROME --n 5 --out benchmarks/results/seq
+    python benchmarks/sequential_edits.py --alg REP-ROME --n 100 --eval-at 5,20,50 --device cuda
 """
 
 from __future__ import annotations
@@ -32,19 +33,23 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="first dev case")
     ap.add_argument("--data", default=str(ROOT / "data/counterfact_smollm2_dev.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/sequential"))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--eval-at", default="",
+                    help="comma-separated edit counts after which every edit so far is re-checked "
+                         "and written (e.g. 5,20,50); the last edit is always checked")
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
     from rep_easyedit.corpus import load_corpus
     from rep_easyedit.editing import apply_edit, load_hparams
-    from rep_easyedit.evaluation import evaluate_case, locality_reference
+    from rep_easyedit.evaluation import locality_reference
     from rep_easyedit.models import load_model_and_tokenizer
-    from rep_easyedit.pathway import installed_paths, pathway_of, get_module
     from rep_easyedit.perturbations import build_perturbations
 
     hp = load_hparams(ROOT / f"hparams/{args.alg}/smollm2-135m.yaml")
     rep_cfg = load_hparams(ROOT / "hparams/REP-ROME/smollm2-135m.yaml").rep
-    model, tok = load_model_and_tokenizer("smollm2-135m")
+    hp.device = args.device
+    model, tok = load_model_and_tokenizer("smollm2-135m", device=args.device)
     corpus = load_corpus(None, model, tok, seed=rep_cfg.seed)
     cases = json.loads(Path(args.data).read_text())[args.start:args.start + args.n]
     perts, refs = [], []
@@ -53,6 +58,9 @@ def main() -> None:
                                          n_long=rep_cfg.n_long_contexts,
                                          long_tokens=rep_cfg.long_context_tokens, base_seed=rep_cfg.seed))
         refs.append(locality_reference(model, tok, case))
+    milestones = sorted({int(m) for m in args.eval_at.split(",") if m.strip()} | {len(cases)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     seconds = []
     for i, case in enumerate(cases):
         request = {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
@@ -63,23 +71,30 @@ def main() -> None:
         apply_edit(model, tok, [request], hp)  # kept: never restored
         seconds.append(time.perf_counter() - t0)
         print(f"edit {i + 1}/{len(cases)} ({case['case_id']}): {seconds[-1]:.1f} s", flush=True)
+        if i + 1 in milestones:
+            summary = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
+            name = f"{args.alg}_n{i + 1}_s{args.start}"
+            (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+            print(json.dumps(summary["summary"]), flush=True)
+
+
+def _check_edits_so_far(model, tok, cases, perts, refs, alg, seconds) -> dict:
+    """Score every edit made so far on the model as it is now."""
+    from rep_easyedit.evaluation import evaluate_case
+    from rep_easyedit.pathway import installed_paths, pathway_of, get_module
+
     adapters = sum(len(pathway_of(get_module(model, p)).adapters) for p in installed_paths(model))
     rows = []
     with torch.no_grad():
         for case, pert, ref in zip(cases, perts, refs):
             scores = evaluate_case(model, tok, case, pert, ref, fluency=False)
             rows.append({"case_id": case["case_id"], **{k: scores[k] for k in KEYS}})
-    summary = {"alg": args.alg, "n_edits": len(cases), "adapters_installed": adapters,
+    summary = {"alg": alg, "n_edits": len(cases), "adapters_installed": adapters,
                "edit_seconds_median": statistics.median(seconds)}
     for key in KEYS:
         values = [r[key] for r in rows if r[key] is not None]
         summary[key] = round(100 * statistics.mean(values), 1) if values else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.alg}_n{args.n}_s{args.start}"
-    (out / f"{name}.json").write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))
-    print(json.dumps(summary))
-
+    return {"summary": summary, "cases": rows}
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,8 @@ export PYTHONPATH="$DEV/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZER
 export OMP_NUM_THREADS=1 MPLBACKEND=Agg
 CACHE=${REP_EASYEDIT_CACHE:-$HOME/.cache/rep_easyedit}
 
+gpu_info() { command -v nvidia-smi > /dev/null && nvidia-smi "$@"; true; }
+
 make_env() {  # $DEV/env: an interpreter whose site-packages are the image's minus $HIDE
     local site ver base env="$DEV/env"
     site=$("$BASE_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -52,8 +54,7 @@ print('import ok', torch.__version__, transformers.__version__, 'cuda', torch.cu
 }
 
 if [ "$MODE" = stage ]; then
-    gpu_info() { command -v nvidia-smi > /dev/null && nvidia-smi "$@"; true; }
-gpu_info -L
+    gpu_info -L
     cp .devrun/a/part1 "$DEV/gguf.part1"
     "$BASE_PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$DEV/site" .whl/*.whl || exit 1

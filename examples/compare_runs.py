@@ -1,7 +1,7 @@
 """Compare benchmark runs side by side: base method vs its REP version, with deltas.
 
     python examples/compare_runs.py --runs runs/ROME runs/REP-ROME runs/EMMET runs/REP-EMMET \
-        --out runs/compare
+        --out runs/compare [--first 20]
 
 Reads each run dir written by `examples/run_benchmark.py` (cases.jsonl, run.json) and writes to
 `--out`:
@@ -178,8 +178,14 @@ def plot_key_similarity(run: dict, path: Path) -> bool:
     return True
 
 
-def compare(run_dirs: list[str], out: str | Path) -> dict:
+def compare(run_dirs: list[str], out: str | Path, first: int | None = None) -> dict:
+    """`first`: only the cases among the data file's first N (by their index in it)."""
     runs = [load_run(p) for p in run_dirs]
+    if first is not None:
+        for run in runs:
+            run["cases"] = [c for c in run["cases"] if c["index"] < first]
+            if not run["cases"]:
+                raise SystemExit(f"{run['path']}: no finished case among the first {first}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(runs)
@@ -198,8 +204,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="run dirs of examples/run_benchmark.py")
     ap.add_argument("--out", default="runs/compare", help="where to write comparison.md and the PNGs")
+    ap.add_argument("--first", type=int, default=None,
+                    help="compare only cases among the data file's first N (e.g. a 20-case table "
+                         "from 100-case runs)")
     args = ap.parse_args(argv)
-    written = compare(args.runs, args.out)
+    written = compare(args.runs, args.out, args.first)
     print((Path(written["table"])).read_text(encoding="utf-8"))
     for p in written["plots"]:
         print(f"[compare_runs] wrote {p}")

@@ -166,7 +166,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
               corpus: Sequence[str] | None, settings: dict | None = None,
               metrics: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
               key_similarity: bool = False, edit: Callable | None = None, batch_size: int = 16,
-              fluency_tokens: int = 50, progress: bool = True, run_info: dict | None = None) -> list[dict]:
+              fluency_tokens: int = 50, progress: bool = True, run_info: dict | None = None,
+              first_index: int = 0) -> list[dict]:
     """The benchmark loop. Returns the case lines written by this call.
 
     `edit(model, tok, [request], hparams)` is a context manager that edits and restores
@@ -190,7 +191,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
     done_cases = read_cases(cases_path)
     done = {str(c["case_id"]) for c in done_cases}
     i, n = shard
-    todo = [(idx, r) for idx, r in list(enumerate(records))[i::n] if str(r["case_id"]) not in done]
+    todo = [(idx, r) for idx, r in list(enumerate(records, start=first_index))[i::n]
+            if str(r["case_id"]) not in done]
     rep_method = is_rep(hparams)
     ks_setup = key_similarity_setup(model, hparams) if key_similarity and rep_method else None
     info = dict(run_info or {})
@@ -304,7 +306,9 @@ def main(cfg) -> dict:
     if cfg.device is not None:
         hparams.device = cfg.device
     metrics = list(cfg.data.metrics)
-    records = load_records(resolve_path(cfg.data.path), cfg.data.format, metrics, cfg.limit)
+    skip = int(cfg.skip or 0)
+    end = None if cfg.limit is None else skip + int(cfg.limit)
+    records = load_records(resolve_path(cfg.data.path), cfg.data.format, metrics, end)[skip:]
     shard = parse_shard(cfg.shard)
     out_dir = Path(os.path.expanduser(str(cfg.out)))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +327,8 @@ def main(cfg) -> dict:
 
     run_cases(model, tok, records, hparams, out_dir, corpus=corpus, settings=settings, metrics=metrics,
               shard=shard, key_similarity=bool(cfg.key_similarity), batch_size=int(cfg.batch_size),
-              fluency_tokens=int(cfg.fluency_tokens), progress=bool(cfg.progress), run_info=info)
+              fluency_tokens=int(cfg.fluency_tokens), progress=bool(cfg.progress), run_info=info,
+              first_index=skip)
     summary = write_summary(out_dir, f"{hparams.alg_name} on {cfg.model.name}, {cfg.data.name}")
     print(json.dumps(summary, indent=1))
     print(f"[run_benchmark] wrote {out_dir / 'cases.jsonl'}, {out_dir / 'summary.json'}, "

@@ -21,6 +21,13 @@ class REPConfig:
     gate_weight: float = 1.0       # weight of the gate BCE loss (0: no gate training, paper-style)
     aggregation: str = "match"     # "match" (pull onto k*) or "cosine" (paper, whitened)
     aggregation_abs: bool = False  # paper's |.| around the cosine
+    # cosine's target: C⁻¹k* (true) or k* (false); null = C⁻¹k* where the backend uses covariance
+    # statistics (ROME/R-ROME with mom2_adjustment, MEMIT, EMMET). `match` always pulls onto k*.
+    whiten_target: Optional[bool] = None
+    # train the adapters on keys read after the backend's update instead of before it. Multi-layer
+    # backends (MEMIT, EMMET over several layers) move the keys of the upper edited layers when
+    # they update the lower ones; a one-layer edit reads the same keys either way.
+    fit_after_update: bool = False
     num_negatives: int = 1024      # gate negatives sampled per edit
     corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
@@ -42,6 +49,12 @@ class REPConfig:
             raise ValueError(f"rep.train_on: unknown {bad}; choose from {list(TRAIN_ON_CHOICES)}")
         if self.aggregation not in ("match", "cosine"):
             raise ValueError(f"rep.aggregation: {self.aggregation!r}; use 'match' or 'cosine'")
+        if self.whiten_target and self.aggregation != "cosine":
+            raise ValueError("rep.whiten_target applies to aggregation: cosine; with 'match' the "
+                             "adapter pulls keys onto k* itself (set whiten_target: null)")
+        if self.fit_after_update and self.value_on_variants:
+            raise ValueError("rep.value_on_variants fits v* through the variants' adapters, which "
+                             "rep.fit_after_update trains only after the update; choose one")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"rep.tau must lie in (0, 1), got {self.tau}")
         for name in ("rank", "steps", "n_shuffles", "n_long_contexts", "long_context_tokens",

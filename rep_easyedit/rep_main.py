@@ -166,8 +166,13 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
 
 
 def _inverse_covariances(model, base_hp, paths: dict[int, str], rep) -> dict[int, torch.Tensor] | None:
-    """C⁻¹ per layer, only for the paper's whitened cosine aggregation with covariance on."""
-    if rep.aggregation != "cosine" or not getattr(base_hp, "mom2_adjustment", False):
+    """C⁻¹ per layer when the cosine aggregation pulls towards the whitened target C⁻¹k*."""
+    if rep.aggregation != "cosine":
+        return None
+    whiten = rep.whiten_target
+    if whiten is None:  # the backend's own choice: does its update use covariance statistics?
+        whiten = bool(getattr(base_hp, "mom2_adjustment", False)) or hasattr(base_hp, "mom2_update_weight")
+    if not whiten:
         return None
     from .covariance import load_inverse_covariance
 
@@ -230,7 +235,8 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
 
                 corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
             inverse_covariance = _inverse_covariances(model, base_hp, paths, rep)
-            for request in requests:
+
+            def fit_and_install(request):
                 t1 = time.perf_counter()
                 pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles,
                                            n_long=rep.n_long_contexts,
@@ -250,13 +256,27 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                     "seconds": {"context_templates": t_templates, "keys": t_keys, "train": t_train,
                                 "rep_total": time.perf_counter() - t1 + t_templates},
                 }
-            t2 = time.perf_counter()
-            base_requests = [{k: v for k, v in r.items() if k != "rep"} for r in requests]
-            with _value_fit(backend, requests, rep):
-                model, _ = backend.apply(model, tok, base_requests, base_hp, copy=False,
-                                         return_orig_weights=True, keep_original_weight=True, **kwargs)
+
+            def run_backend():
+                base_requests = [{k: v for k, v in r.items() if k != "rep"} for r in requests]
+                with _value_fit(backend, requests, rep):
+                    return backend.apply(model, tok, base_requests, base_hp, copy=False,
+                                         return_orig_weights=True, keep_original_weight=True, **kwargs)[0]
+
+            if rep.fit_after_update:
+                t2 = time.perf_counter()
+                model = run_backend()
+                t_backend = time.perf_counter() - t2
+                for request in requests:
+                    fit_and_install(request)
+            else:
+                for request in requests:
+                    fit_and_install(request)
+                t2 = time.perf_counter()
+                model = run_backend()
+                t_backend = time.perf_counter() - t2
             for request in requests:
-                request["rep"]["seconds"]["backend"] = time.perf_counter() - t2
+                request["rep"]["seconds"]["backend"] = t_backend
     except BaseException:
         with torch.no_grad():
             for name, original in snapshot.items():

@@ -218,3 +218,62 @@ def test_batch_to_rep_r_rome_is_refused(model, tokenizer, tmp_path):
     with pytest.raises(EditRequestError, match="1 fact"):
         apply_rep_to_model(model, tokenizer, [dict(REQ), dict(REQ2)], hp)
     assert _unchanged(model, state) and _hooks(model) == 0
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["keys-before-update", "keys-after-update"])
+def test_rep_memit_reads_keys_before_or_after_the_update(model, tokenizer, tmp_path, monkeypatch, after):
+    """`rep.fit_after_update`: the adapters' keys come from the model MEMIT has already edited."""
+    from rep_easyedit import rep_main
+
+    hp = rep_memit_hparams(tmp_path, rep_fit_after_update=after)
+    original = _weights(model)
+    seen = []
+    real = rep_main.gather_training_keys
+
+    def spy(*args, **kwargs):
+        now = _weights(model)
+        seen.append(all(torch.equal(now[l], original[l]) for l in LAYERS))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rep_main, "gather_training_keys", spy)
+    state = _state(model)
+    edited, weights_copy = apply_rep_to_model(model, tokenizer, [dict(REQ)], hp, return_orig_weights=True,
+                                              keep_original_weight=True)
+    assert seen == [not after] * len(LAYERS)  # one key collection per layer, each before/after
+    assert installed_paths(edited) == [f"model.layers.{l}.mlp.down_proj" for l in LAYERS]
+    params = dict(edited.named_parameters())
+    with torch.no_grad():
+        for k, v in weights_copy.items():
+            params[k][...] = v
+    rep_easyedit.prune_inactive(edited)
+    assert _unchanged(edited, state) and _hooks(edited) == 0
+
+
+@pytest.mark.parametrize("whiten, expect_whitened", [(None, True), (True, True), (False, False)])
+def test_rep_memit_cosine_target_whitening(model, tokenizer, tmp_path, monkeypatch, whiten, expect_whitened):
+    """Cosine aggregation pulls towards C⁻¹k* of each layer unless `rep.whiten_target: false`."""
+    from rep_easyedit import rep_main
+    from rep_easyedit.covariance import load_inverse_covariance
+
+    hp = rep_memit_hparams(tmp_path, rep_aggregation="cosine", rep_whiten_target=whiten)
+    targets = []
+    real = rep_main.train_adapter
+
+    def spy(adapter, keys, **kwargs):
+        targets.append((keys.target.clone(), None if keys.target_whitened is None else keys.target_whitened.clone()))
+        return real(adapter, keys, **kwargs)
+
+    monkeypatch.setattr(rep_main, "train_adapter", spy)
+    apply_rep_to_model(model, tokenizer, [dict(REQ)], hp, keep_original_weight=True)
+    assert len(targets) == len(LAYERS)
+    for layer, (target, whitened) in zip(LAYERS, targets):
+        if expect_whitened:
+            inv = load_inverse_covariance(model, hp.backend_hparams(), layer).float().cpu()
+            torch.testing.assert_close(whitened, inv @ target)
+        else:
+            assert whitened is None
+
+
+def test_whiten_target_needs_cosine(tmp_path):
+    with pytest.raises(ValueError, match="whiten_target"):
+        rep_memit_hparams(tmp_path, rep_aggregation="match", rep_whiten_target=True)

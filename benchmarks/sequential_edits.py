@@ -9,11 +9,13 @@ locality against the unedited model's predictions. Compare base and REP methods 
     OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --alg REP-ROME --n 5 --out benchmarks/results/seq
     OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --alg ROME --n 5 --out benchmarks/results/seq
     python benchmarks/sequential_edits.py --alg REP-ROME --n 100 --eval-at 5,20,50 --device cuda
+    python benchmarks/sequential_edits.py --alg REP-ROME --n 20 --eval-at 5,10 --merge   # merged vs stacked
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -37,6 +39,10 @@ def main() -> None:
     ap.add_argument("--eval-at", default="",
                     help="comma-separated edit counts after which every edit so far is re-checked "
                          "and written (e.g. 5,20,50); the last edit is always checked")
+    ap.add_argument("--merge", action="store_true",
+                    help="REP: at each check also score the edits with each layer's adapters merged "
+                         "into one retrained on all their keys (rep_easyedit.merging), then go on stacked")
+    ap.add_argument("--merge-rank", type=int, default=64, help="rank of the merged adapter")
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
@@ -58,6 +64,7 @@ def main() -> None:
                                          n_long=rep_cfg.n_long_contexts,
                                          long_tokens=rep_cfg.long_context_tokens, base_seed=rep_cfg.seed))
         refs.append(locality_reference(model, tok, case))
+    captured = _record_training_keys() if args.merge else None
     milestones = sorted({int(m) for m in args.eval_at.split(",") if m.strip()} | {len(cases)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,9 +80,58 @@ def main() -> None:
         print(f"edit {i + 1}/{len(cases)} ({case['case_id']}): {seconds[-1]:.1f} s", flush=True)
         if i + 1 in milestones:
             summary = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
+            if captured:
+                with _merged(model, captured, rep_cfg, args.merge_rank) as reports:
+                    merged = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
+                merged["summary"]["merge_rank"] = args.merge_rank
+                merged["summary"]["merge_seconds"] = reports["seconds"]
+                merged["summary"]["merge_gate_fire"] = reports["gate"]
+                summary["merged"] = merged
             name = f"{args.alg}_n{i + 1}_s{args.start}"
             (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
             print(json.dumps(summary["summary"]), flush=True)
+
+
+def _record_training_keys() -> dict[str, list]:
+    """Keep each REP edit's training keys per layer (what a merge retrains on)."""
+    from rep_easyedit import rep_main
+
+    captured: dict[str, list] = {}
+    real = rep_main.gather_training_keys
+
+    def recording(model, tok, request, pert, templates, path, *args, **kwargs):
+        keys = real(model, tok, request, pert, templates, path, *args, **kwargs)
+        captured.setdefault(path, []).append(keys)
+        return keys
+
+    rep_main.gather_training_keys = recording
+    return captured
+
+
+@contextlib.contextmanager
+def _merged(model, captured: dict[str, list], rep_cfg, rank: int):
+    """Each layer's stacked adapters swapped for one merged adapter, then put back."""
+    from rep_easyedit.merging import merge_adapters
+    from rep_easyedit.pathway import detach_adapter, get_module, install, pathway_of
+
+    stacked = {path: list(pathway_of(get_module(model, path)).adapters) for path in captured}
+    reports, merged = {"seconds": 0.0, "gate": {}}, {}
+    t0 = time.perf_counter()
+    try:
+        for path, groups in captured.items():
+            merged[path], report = merge_adapters(model, path, groups, rep_cfg, rank=rank)
+            reports["gate"][path] = {"pos": report.gate_pos_fire, "neg": report.gate_neg_fire}
+        reports["seconds"] = time.perf_counter() - t0
+        yield reports
+    finally:
+        for path, adapters in stacked.items():
+            if path in merged:
+                detach_adapter(model, path, merged[path])
+            module = get_module(model, path)
+            current = list(pathway_of(module).adapters) if pathway_of(module) is not None else []
+            for adapter in adapters:
+                if not any(adapter is a for a in current):
+                    install(model, path, adapter)
 
 
 def _check_edits_so_far(model, tok, cases, perts, refs, alg, seconds) -> dict:

@@ -26,8 +26,12 @@ from .adapter import GatedLowRankAdapter
 class TrainingKeys:
     positives: torch.Tensor      # [P, D] keys at the subject's last token of trained variants
     negatives: torch.Tensor      # [N, D] keys the gate must not fire on
-    target: torch.Tensor         # [D] the edit key k*
-    target_whitened: torch.Tensor | None = None  # C⁻¹k* where covariance is used
+    target: torch.Tensor         # [D] the edit key k*, or [P, D]: each positive's own (merged adapters)
+    target_whitened: torch.Tensor | None = None  # C⁻¹k* where covariance is used, shaped as target
+
+    def edit_keys(self) -> torch.Tensor:
+        """[G, D]: the distinct edit keys, which the consistency loss keeps in place."""
+        return self.target.unsqueeze(0) if self.target.dim() == 1 else torch.unique(self.target, dim=0)
 
 
 @dataclass
@@ -46,10 +50,10 @@ class TrainingReport:
 
 def aggregation_loss(adapted: torch.Tensor, keys: TrainingKeys, kind: str, use_abs: bool) -> torch.Tensor:
     if kind == "match":
-        return ((adapted - keys.target) ** 2).sum(-1).mean() / keys.target.pow(2).sum()
+        return ((adapted - keys.target) ** 2).sum(-1).mean() / keys.target.pow(2).sum(-1).mean()
     if kind == "cosine":
         direction = keys.target_whitened if keys.target_whitened is not None else keys.target
-        sim = F.normalize(adapted, dim=-1) @ F.normalize(direction, dim=0)
+        sim = (F.normalize(adapted, dim=-1) * F.normalize(direction, dim=-1)).sum(-1)
         return -(sim.abs() if use_abs else sim).mean()
     raise ValueError(f"unknown aggregation {kind!r}: use 'match' or 'cosine'")
 
@@ -63,7 +67,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
     neg = keys.negatives.to(device, torch.float32)
     target = TrainingKeys(pos, neg, keys.target.to(device, torch.float32),
                           None if keys.target_whitened is None else keys.target_whitened.to(device, torch.float32))
-    k_star = target.target.unsqueeze(0)
+    k_star = target.edit_keys()
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     adapter.train()
@@ -71,7 +75,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         agg = aggregation_loss(pos + adapter.delta(pos), target, aggregation, use_abs)
-        cons = adapter.delta(k_star).pow(2).sum() / target.target.pow(2).sum()
+        cons = adapter.delta(k_star).pow(2).sum(-1).mean() / k_star.pow(2).sum(-1).mean()
         if gate_weight > 0:
             logits_pos = adapter.gate(pos).squeeze(-1)
             logits_neg = adapter.gate(neg).squeeze(-1) if len(neg) else logits_pos[:0]
@@ -92,8 +96,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
         g_pos = adapter.gate_prob(pos).squeeze(-1)
         g_neg = adapter.gate_prob(neg).squeeze(-1) if len(neg) else g_pos[:0]
         hard = adapter(pos, hard=True)
-        kk = target.target.pow(2).sum()
-        activation = (hard @ target.target / kk).mean().item()
+        activation = ((hard * target.target).sum(-1) / target.target.pow(2).sum(-1)).mean().item()
     return TrainingReport(
         steps=steps, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
         gate=gate.item(), gate_pos_fire=float((g_pos > adapter.tau).float().mean()),

@@ -1,0 +1,62 @@
+"""Merging a layer's stacked adapters into one, retrained on all their keys.
+
+Sequential editing leaves one adapter per edit on a layer; each forward runs them all. A merged
+adapter is trained on the union of their training keys, each positive pulled onto its own edit's
+key, the consistency loss holding every edit key in place and the gate trained on every edit's
+negatives. Whether that keeps quality as edits accumulate is measured by
+`benchmarks/sequential_edits.py --merge` (README, "Sequential edits").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .adapter import GatedLowRankAdapter
+from .pathway import detach_adapter, get_module, install, pathway_of
+from .training import TrainingKeys, TrainingReport, train_adapter
+
+
+def union_of_keys(groups: Sequence[TrainingKeys], max_negatives: int | None = None,
+                  seed: int = 0) -> TrainingKeys:
+    """One TrainingKeys whose positives carry their own edit's key as target."""
+    if not groups:
+        raise ValueError("nothing to merge: no training keys given")
+    positives = torch.cat([g.positives for g in groups])
+    targets = torch.cat([g.target.expand(len(g.positives), -1) for g in groups])
+    whitened = None
+    if all(g.target_whitened is not None for g in groups):
+        whitened = torch.cat([g.target_whitened.expand(len(g.positives), -1) for g in groups])
+    negatives = torch.cat([g.negatives for g in groups])
+    if max_negatives and len(negatives) > max_negatives:
+        idx = np.sort(np.random.default_rng(seed).choice(len(negatives), max_negatives, replace=False))
+        negatives = negatives[torch.as_tensor(idx)]
+    return TrainingKeys(positives=positives, negatives=negatives, target=targets, target_whitened=whitened)
+
+
+def merge_adapters(model, path: str, groups: Sequence[TrainingKeys], rep, rank: int | None = None,
+                   steps: int | None = None, max_negatives: int | None = None
+                   ) -> tuple[GatedLowRankAdapter, TrainingReport]:
+    """Replace every adapter at `path` by one trained on `groups` (their keys, in any order).
+
+    `rank` defaults to `rep.rank` × the number of edits and `max_negatives` to 4 × `rep.num_negatives`,
+    both capped. The layer's adapters are only swapped once training has succeeded.
+    """
+    module = get_module(model, path)
+    current = list(pathway_of(module).adapters) if pathway_of(module) is not None else []
+    keys = union_of_keys(groups, max_negatives=max_negatives or 4 * rep.num_negatives, seed=rep.seed)
+    dim = keys.positives.shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rep.seed)
+        merged = GatedLowRankAdapter(dim, min(dim, rank or rep.rank * len(groups)), rep.gate_ratio, rep.tau)
+    merged.to(module.weight.device)
+    report = train_adapter(merged, keys, steps=steps or rep.steps, lr=rep.lr, alpha=rep.alpha,
+                           gate_weight=rep.gate_weight, aggregation=rep.aggregation)
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    for adapter in current:
+        detach_adapter(model, path, adapter)
+    install(model, path, merged)
+    return merged, report

@@ -1,0 +1,70 @@
+"""Merging stacked adapters: one adapter trained on the union of their keys takes their place."""
+
+import torch
+from torch import nn
+
+from rep_easyedit.config import REPConfig
+from rep_easyedit.merging import merge_adapters, union_of_keys
+from rep_easyedit.pathway import install, pathway_of
+from rep_easyedit.training import TrainingKeys, train_adapter
+from rep_easyedit.adapter import GatedLowRankAdapter
+
+DIM = 48
+
+
+def _edit_keys(seed: int) -> TrainingKeys:
+    """Variants scattered around a subject direction, pulled onto that edit's key k*."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(DIM, generator=g) * 3
+    positives = target * 0.5 + 0.5 * torch.randn(40, DIM, generator=g)
+    negatives = torch.randn(300, DIM, generator=g)
+    return TrainingKeys(positives=positives, negatives=negatives, target=target)
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down_proj = nn.Linear(DIM, 8)
+
+
+def test_union_gives_each_positive_its_own_target():
+    a, b = _edit_keys(1), _edit_keys(2)
+    keys = union_of_keys([a, b], max_negatives=100)
+    assert keys.positives.shape == (80, DIM) and keys.target.shape == (80, DIM)
+    assert torch.equal(keys.target[:40], a.target.expand(40, -1))
+    assert torch.equal(keys.target[40:], b.target.expand(40, -1))
+    assert keys.negatives.shape == (100, DIM)
+    assert torch.equal(keys.edit_keys(), torch.unique(torch.stack([a.target, b.target]), dim=0))
+
+
+def test_merged_adapter_replaces_the_stack_and_serves_every_edit():
+    torch.manual_seed(0)
+    rep = REPConfig(rank=8, steps=300, lr=1e-2, num_negatives=256)
+    groups = [_edit_keys(s) for s in (1, 2, 3)]
+    model = Layer()
+    stacked = []
+    for g in groups:
+        adapter = GatedLowRankAdapter(DIM, rep.rank, rep.gate_ratio, rep.tau)
+        train_adapter(adapter, g, steps=rep.steps, lr=rep.lr, alpha=rep.alpha, gate_weight=rep.gate_weight)
+        install(model, "down_proj", adapter)
+        stacked.append(adapter)
+    assert len(pathway_of(model.down_proj).adapters) == 3
+
+    merged, report = merge_adapters(model, "down_proj", groups, rep, rank=24)
+    adapters = list(pathway_of(model.down_proj).adapters)
+    assert len(adapters) == 1 and adapters[0] is merged
+    assert not any(p.requires_grad for p in merged.parameters())
+    with torch.no_grad():
+        for g in groups:  # each edit's variants land near their own k*, not another edit's
+            moved = merged(g.positives, hard=True)
+            own = (moved - g.target).norm(dim=-1) / g.target.norm()
+            unmoved = (g.positives - g.target).norm(dim=-1) / g.target.norm()
+            others = [(moved - o.target).norm(dim=-1) / o.target.norm() for o in groups if o is not g]
+            assert own.median() < 0.75 * unmoved.median()
+            assert all(own.median() < x.median() for x in others)
+            # unrelated keys pass through: the hard gate stays shut on them
+            fresh = torch.randn(200, DIM, generator=torch.Generator().manual_seed(9))
+            assert (merged.gate_prob(fresh).squeeze(-1) > rep.tau).float().mean() < 0.05
+            assert torch.equal(merged(fresh[:5], hard=True)[merged.gate_prob(fresh[:5]).squeeze(-1) <= rep.tau],
+                               fresh[:5][merged.gate_prob(fresh[:5]).squeeze(-1) <= rep.tau])
+    assert report.gate_pos_fire > 0.9

@@ -8,6 +8,7 @@ any EasyEdit method.
 from .adapter import GatedLowRankAdapter
 from .config import REPConfig
 from .hparams import HParamsError, REPHyperParams
+from .merging import merge_adapters
 from .pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
 from .persistence import PathwayLayoutError, load_pathway, save_edited_model, save_pathway
 from .registration import register
@@ -20,5 +21,5 @@ __all__ = [
     "GatedLowRankAdapter", "RobustEditPathway", "REPConfig", "REPHyperParams", "HParamsError",
     "EditRequestError", "LayoutError", "apply_rep_to_model", "installed_paths", "prune_inactive",
     "remove_pathways", "register", "REGISTERED", "save_pathway", "load_pathway", "save_edited_model",
-    "PathwayLayoutError",
+    "PathwayLayoutError", "merge_adapters",
 ]

@@ -7,17 +7,17 @@
 set -u
 OUT=${1:-benchmarks/results/probe_rep_memit}
 PY=${PYTHON:-.venv/bin/python}
-C=benchmarks/configs
+BEFORE=+set.rep.fit_after_update=false  # the paper's order; the YAML's default is now true
 run() {  # name, cases, args...
     OMP_NUM_THREADS=1 "$PY" examples/run_benchmark.py skip=80 limit=$2 fluency_tokens=0 progress=false \
         out="$OUT/$1" "${@:3}" > "$OUT/$1.log" 2>&1
 }
 mkdir -p "$OUT"
 { run MEMIT 12 alg=MEMIT
-  run REP-MEMIT-cosine-whitened 6 alg=REP-MEMIT hparams=$C/rep-memit-cosine-whitened.yaml; } &
-{ run REP-MEMIT-keys-before-update 12 alg=REP-MEMIT hparams=$C/rep-memit-keys-before-update.yaml
-  run REP-MEMIT-fit-after-update 12 alg=REP-MEMIT hparams=$C/rep-memit-fit-after-update.yaml
-  run REP-MEMIT-cosine-raw 6 alg=REP-MEMIT hparams=$C/rep-memit-cosine-raw.yaml; } &
+  run REP-MEMIT-cosine-whitened 6 alg=REP-MEMIT $BEFORE +set.rep.aggregation=cosine +set.rep.whiten_target=true; } &
+{ run REP-MEMIT-keys-before-update 12 alg=REP-MEMIT $BEFORE
+  run REP-MEMIT-fit-after-update 12 alg=REP-MEMIT
+  run REP-MEMIT-cosine-raw 6 alg=REP-MEMIT $BEFORE +set.rep.aggregation=cosine +set.rep.whiten_target=false; } &
 wait
 "$PY" examples/compare_runs.py --runs "$OUT"/MEMIT "$OUT"/REP-MEMIT-keys-before-update \
     "$OUT"/REP-MEMIT-fit-after-update --out "$OUT"

@@ -300,6 +300,8 @@ def main(cfg) -> dict:
     if not hp_path.is_file():
         raise FileNotFoundError(f"hparams file {hp_path} does not exist (alg={cfg.alg.name}, "
                                 f"model={cfg.model.name}); write it or pass hparams=FILE")
+    if cfg.get("set"):
+        hp_path = _with_overrides(hp_path, cfg.set, Path(os.path.expanduser(str(cfg.out))))
     hparams = load_hparams(hp_path)
     if hparams.alg_name != cfg.alg.name:
         print(f"[run_benchmark] note: {hp_path} has alg_name {hparams.alg_name}, config alg {cfg.alg.name}")
@@ -334,6 +336,18 @@ def main(cfg) -> dict:
     print(f"[run_benchmark] wrote {out_dir / 'cases.jsonl'}, {out_dir / 'summary.json'}, "
           f"{out_dir / 'summary.md'}")
     return summary
+
+
+def _with_overrides(hp_path: Path, overrides, out_dir: Path) -> Path:
+    """The hparams YAML with `+set.<field>=value` overrides merged in, written to `<out>/hparams.yaml`
+    (then validated like any hparams file)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.load(hp_path), overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "hparams.yaml"
+    OmegaConf.save(merged, target)
+    return target
 
 
 def _hparams_dict(hparams) -> dict:

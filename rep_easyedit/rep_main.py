@@ -263,18 +263,15 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                     return backend.apply(model, tok, base_requests, base_hp, copy=False,
                                          return_orig_weights=True, keep_original_weight=True, **kwargs)[0]
 
+            if not rep.fit_after_update:
+                for request in requests:
+                    fit_and_install(request)
+            t2 = time.perf_counter()
+            model = run_backend()
+            t_backend = time.perf_counter() - t2
             if rep.fit_after_update:
-                t2 = time.perf_counter()
-                model = run_backend()
-                t_backend = time.perf_counter() - t2
                 for request in requests:
                     fit_and_install(request)
-            else:
-                for request in requests:
-                    fit_and_install(request)
-                t2 = time.perf_counter()
-                model = run_backend()
-                t_backend = time.perf_counter() - t2
             for request in requests:
                 request["rep"]["seconds"]["backend"] = t_backend
     except BaseException:

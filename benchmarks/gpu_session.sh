@@ -6,6 +6,12 @@
 #   bash benchmarks/gpu_session.sh stage   # piece 1 + wheels: install, import check, CUDA tests
 #   bash benchmarks/gpu_session.sh run     # piece 2: convert, covariance, all benchmark runs
 #
+# To finish earlier runs instead of starting over: REP_RUN_RESUME=benchmarks/results/gpu_h200 copies
+# each <ALG>/ found there into the run dir first (the runner then skips its finished cases, and
+# refuses a dir whose run.json has other settings), REP_RUN_SHARDS="REP-MEMIT=6 REP-ROME=2" splits
+# a run over that many processes (shard=i/n, one out dir), REP_RUN_EXTRA="" leaves out the
+# sequential and bfloat16 runs, and REP_RUN_BF16="REP-ROME" names the bfloat16 runs alone.
+#
 # Inputs (ignored by git, made on the CPU machine): .whl/ (transformers, tokenizers, omegaconf,
 # hydra-core, antlr4, easyeditor, gguf wheels for the device's Python), .devrun/a/{part1,tok/},
 # .devrun/b/{part2,gguf.sha256,corpus/}. Results go to $OUT (runs.tar.gz, logs).
@@ -23,7 +29,10 @@ SECONDS_LEFT=${REP_RUN_SECONDS:-480}
 DEVICE=${REP_RUN_DEVICE:-cuda}
 ALGS=${REP_RUN_ALGS:-ROME REP-ROME MEMIT REP-MEMIT R-ROME REP-R-ROME EMMET REP-EMMET}
 LIMIT=${REP_RUN_LIMIT:-100}
-EXTRA_RUNS=${REP_RUN_EXTRA:-ROME REP-ROME}  # sequential and bfloat16 runs
+EXTRA_RUNS=${REP_RUN_EXTRA-ROME REP-ROME}  # sequential and bfloat16 runs
+BF16_RUNS=${REP_RUN_BF16-$EXTRA_RUNS}
+RESUME=${REP_RUN_RESUME:-}
+SHARDS=${REP_RUN_SHARDS:-}
 HIDE='timm torchvision cv2 opencv peft sentence_transformers sklearn scikit_learn seaborn pandas einops transformers tokenizers omegaconf hydra antlr4'
 mkdir -p "$DEV" "$OUT"
 export PYTHONPATH="$DEV/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -92,16 +101,32 @@ launch() {  # $1: name, rest: command
     local name=$1; shift
     timeout -k 15 -s INT "$BUDGET" "$@" > "$R/$name.log" 2>&1 &
 }
+shards_of() {  # processes for run $1 (REP_RUN_SHARDS "NAME=n ...", default 1)
+    local entry n=1
+    for entry in $SHARDS; do [ "${entry%%=*}" = "$1" ] && n=${entry#*=}; done
+    echo "$n"
+}
+bench() {  # $1: run name (its out dir), $2: alg, rest: runner options
+    local name=$1 alg=$2 n i; shift 2
+    if [ -n "$RESUME" ] && [ -f "$RESUME/$name/cases.jsonl" ]; then
+        mkdir -p "$R/$name" && cp "$RESUME/$name/cases.jsonl" "$RESUME/$name/run.json" "$R/$name/"
+    fi
+    n=$(shards_of "$name")
+    for i in $(seq 0 $(( n - 1 ))); do
+        launch "$name-$i" "$PY" examples/run_benchmark.py alg=$alg limit=$LIMIT device="$DEVICE" \
+            progress=false shard=$i/$n out="$R/$name" "$@"
+    done
+}
 for alg in $ALGS; do
     extra=; [ "$alg" = REP-ROME ] && extra=key_similarity=true
-    launch "$alg" "$PY" examples/run_benchmark.py alg=$alg limit=$LIMIT device="$DEVICE" progress=false \
-        out="$R/$alg" $extra
+    bench "$alg" "$alg" $extra
 done
 for alg in $EXTRA_RUNS; do
     launch "seq-$alg" "$PY" benchmarks/sequential_edits.py --alg $alg --n $LIMIT --eval-at 5,10,20,50 \
         --device "$DEVICE" --out "$R/sequential"
-    launch "$alg-bf16" "$PY" examples/run_benchmark.py alg=$alg limit=$LIMIT device="$DEVICE" progress=false \
-        model.dtype=bfloat16 out="$R/$alg-bf16"
+done
+for alg in $BF16_RUNS; do
+    bench "$alg-bf16" "$alg" model.dtype=bfloat16
 done
 sleep 60; gpu_info --query-gpu=utilization.gpu,memory.used --format=csv | tee -a "$OUT/gpu.txt"
 wait

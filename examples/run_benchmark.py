@@ -12,10 +12,12 @@ For each case: perturbations (the same function and settings REP trains with: th
 `rep:` section, or `REPConfig` defaults for base methods, so base and REP runs see identical
 variants), the pre-edit locality reference, the edit, every metric (rep_easyedit.evaluation),
 the restore. One JSON line per case goes to `<out>/cases.jsonl` as soon as it is done; case_ids
-already there are skipped (resume). `shard=i/n` takes every n-th case starting at i; shards may
-share one out dir. At the end `<out>/summary.json` and `<out>/summary.md` cover every case in
-cases.jsonl. `key_similarity=true` (REP methods) also stores, per case, the whitened key
-similarities before/after the pathway, for `examples/compare_runs.py`.
+already there are skipped (resume; a run whose settings differ from the out dir's run.json,
+the device aside, is refused; each line records its device). `shard=i/n` takes every n-th case
+starting at i; shards may share one out dir. At the end `<out>/summary.json` and
+`<out>/summary.md` cover every case in cases.jsonl. `key_similarity=true` (REP methods) also
+stores, per case, the whitened key similarities before/after the pathway, for
+`examples/compare_runs.py`.
 """
 
 from __future__ import annotations
@@ -111,6 +113,68 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# run.json keys a resumed run may change: where it runs and which slice it takes
+_RUN_CONTROL = ("hparams.device",)
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        flat = {}
+        for key, value in obj.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: obj}
+
+
+def _default_of(key: str):
+    """The REPConfig default of a `hparams.rep.<field>` key, else None (a field a stored run predates)."""
+    import dataclasses
+
+    from rep_easyedit.config import REPConfig
+
+    if key.startswith("hparams.rep."):
+        for field in dataclasses.fields(REPConfig):
+            if field.name == key[len("hparams.rep."):] and field.default is not dataclasses.MISSING:
+                return field.default
+    return None
+
+
+def settings_differences(stored: dict, current: dict) -> list[str]:
+    """What differs between the run.json that wrote an out dir and this run's, as `key: was → now`.
+
+    Compared: method, model (name, dtype), data, every hparams field but the device, and the
+    perturbation settings. A field the stored run predates counts as its default."""
+    def relevant(run: dict) -> dict:
+        config = run.get("config") or {}
+        model = config.get("model") or {}
+        picked = {"alg": run.get("alg"), "model": run.get("model"), "data": run.get("data"),
+                  "model_dtype": model.get("dtype"), "hparams": run.get("hparams") or {},
+                  "perturbation_settings": run.get("perturbation_settings") or {}}
+        return {k: v for k, v in _flatten(picked).items() if k not in _RUN_CONTROL}
+
+    was, now = relevant(stored), relevant(json.loads(json.dumps(current, default=_jsonable)))
+    diffs = []
+    for key in sorted(set(was) | set(now)):
+        old = was[key] if key in was else _default_of(key)
+        new = now[key] if key in now else _default_of(key)
+        if old != new:
+            diffs.append(f"{key}: {old!r} → {new!r}")
+    return diffs
+
+
+def check_resumable(out_dir: Path, run: dict) -> None:
+    """Refuse to add cases to an out dir whose finished cases ran with other settings."""
+    stored_path = out_dir / "run.json"
+    if not stored_path.exists() or not read_cases(out_dir / "cases.jsonl"):
+        return
+    diffs = settings_differences(json.loads(stored_path.read_text(encoding="utf-8")), run)
+    if diffs:
+        raise ValueError(
+            f"{out_dir} already holds cases run with other settings, and a resumed run must not mix "
+            f"them: " + "; ".join(diffs) + f". Pass another out=DIR, or delete {out_dir / 'cases.jsonl'} "
+            f"to start that run over.")
 
 
 def append_line(path: Path, obj: dict) -> None:
@@ -315,21 +379,24 @@ def main(cfg) -> dict:
     out_dir = Path(os.path.expanduser(str(cfg.out)))
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    settings = perturbation_settings(hparams)
+    info = {"alg": hparams.alg_name, "model": cfg.model.name, "data": cfg.data.name}
+    run = {**info, "hparams_path": str(hp_path), "hparams": _hparams_dict(hparams),
+           "perturbation_settings": settings, "config": OmegaConf.to_container(cfg, resolve=True)}
+    check_resumable(out_dir, run)
+
     model, tok = load_model_and_tokenizer(cfg.model.path, device=getattr(hparams, "device", "cpu"),
                                           dtype=cfg.model.dtype)
-    settings = perturbation_settings(hparams)
     corpus: list[str] = []
     if settings["n_long"] > 0 or cfg.key_similarity:
         seed = hparams.rep.seed if is_rep(hparams) else settings["base_seed"]
         corpus = load_corpus(settings["corpus"], model, tok, seed=seed)
-    info = {"alg": hparams.alg_name, "model": cfg.model.name, "data": cfg.data.name}
-    run = {**info, "hparams_path": str(hp_path), "hparams": _hparams_dict(hparams),
-           "perturbation_settings": settings, "config": OmegaConf.to_container(cfg, resolve=True)}
     (out_dir / "run.json").write_text(json.dumps(run, indent=1, default=_jsonable) + "\n", encoding="utf-8")
 
     run_cases(model, tok, records, hparams, out_dir, corpus=corpus, settings=settings, metrics=metrics,
               shard=shard, key_similarity=bool(cfg.key_similarity), batch_size=int(cfg.batch_size),
-              fluency_tokens=int(cfg.fluency_tokens), progress=bool(cfg.progress), run_info=info,
+              fluency_tokens=int(cfg.fluency_tokens), progress=bool(cfg.progress),
+              run_info={**info, "device": str(getattr(hparams, "device", "cpu"))},
               first_index=skip)
     summary = write_summary(out_dir, f"{hparams.alg_name} on {cfg.model.name}, {cfg.data.name}")
     print(json.dumps(summary, indent=1))

@@ -309,3 +309,28 @@ def test_compare_runs(model, tok, tmp_path):
     assert "robustness.png" in names and any(n.startswith("key_similarity_REP-ROME") for n in names)
     for p in written["plots"]:
         assert p.stat().st_size > 1000
+
+
+def test_runner_refuses_to_resume_with_other_settings(tmp_path):
+    """A resumed run must not mix cases made with other settings into one summary."""
+    rb = _load_example("run_benchmark")
+    stored = {"alg": "REP-MEMIT", "model": "m", "data": "d", "config": {"model": {"dtype": None}},
+              "hparams": {"layers": [2, 3], "device": "cuda", "rep": {"rank": 32}},
+              "perturbation_settings": {"n_shuffles": 10}}
+    (tmp_path / "run.json").write_text(json.dumps(stored))
+    same_on_cpu = json.loads(json.dumps(stored))
+    same_on_cpu["hparams"]["device"] = "cpu"
+    # nothing finished yet: any settings may start over in the dir
+    changed = json.loads(json.dumps(same_on_cpu))
+    changed["hparams"]["rep"]["fit_after_update"] = True
+    rb.check_resumable(tmp_path, changed)
+    (tmp_path / "cases.jsonl").write_text(json.dumps({"case_id": 1, "metrics": {}}) + "\n")
+    # another device, and a field the stored run predates left at its default, resume
+    same_on_cpu["hparams"]["rep"]["fit_after_update"] = False
+    rb.check_resumable(tmp_path, same_on_cpu)
+    with pytest.raises(ValueError, match=r"hparams\.rep\.fit_after_update: False → True.*out=DIR"):
+        rb.check_resumable(tmp_path, changed)
+    bf16 = json.loads(json.dumps(same_on_cpu))
+    bf16["config"]["model"]["dtype"] = "bfloat16"
+    with pytest.raises(ValueError, match="model_dtype: None → 'bfloat16'"):
+        rb.check_resumable(tmp_path, bf16)

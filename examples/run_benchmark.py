@@ -13,7 +13,7 @@ For each case: perturbations (the same function and settings REP trains with: th
 variants), the pre-edit locality reference, the edit, every metric (rep_easyedit.evaluation),
 the restore. One JSON line per case goes to `<out>/cases.jsonl` as soon as it is done; case_ids
 already there are skipped (resume; a run whose settings differ from the out dir's run.json,
-the device aside, is refused; each line records its device). `shard=i/n` takes every n-th case
+the device and seed aside, is refused; each line records both). `shard=i/n` takes every n-th case
 starting at i; shards may share one out dir. At the end `<out>/summary.json` and
 `<out>/summary.md` cover every case in cases.jsonl. `key_similarity=true` (REP methods) also
 stores, per case, the whitened key similarities before/after the pathway, for
@@ -231,11 +231,14 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
               metrics: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
               key_similarity: bool = False, edit: Callable | None = None, batch_size: int = 16,
               fluency_tokens: int = 50, progress: bool = True, run_info: dict | None = None,
-              first_index: int = 0) -> list[dict]:
+              first_index: int = 0, seed: int | None = 0) -> list[dict]:
     """The benchmark loop. Returns the case lines written by this call.
 
     `edit(model, tok, [request], hparams)` is a context manager that edits and restores
-    (default `rep_easyedit.editing.edited`); tests pass a cheap one.
+    (default `rep_easyedit.editing.edited`); tests pass a cheap one. `seed` seeds torch before
+    every edit: EasyEdit's ROME-style backends sample their context templates on the first edit of
+    a process, and without a seed each process (each shard, each resume) draws others, so a case's
+    result would depend on the process that ran it.
     """
     import torch
     from tqdm.auto import tqdm
@@ -271,6 +274,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
         loc_ref = locality_reference(model, tok, record, batch_size) if "locality" in metrics else None
         t_ref = time.perf_counter() - t0
         request = edit_request(record)
+        if seed is not None:
+            torch.manual_seed(seed)
         t0 = time.perf_counter()
         with edit(model, tok, [request], hparams):
             t_edit = time.perf_counter() - t0
@@ -396,8 +401,8 @@ def main(cfg) -> dict:
     run_cases(model, tok, records, hparams, out_dir, corpus=corpus, settings=settings, metrics=metrics,
               shard=shard, key_similarity=bool(cfg.key_similarity), batch_size=int(cfg.batch_size),
               fluency_tokens=int(cfg.fluency_tokens), progress=bool(cfg.progress),
-              run_info={**info, "device": str(getattr(hparams, "device", "cpu"))},
-              first_index=skip)
+              run_info={**info, "device": str(getattr(hparams, "device", "cpu")), "seed": cfg.seed},
+              first_index=skip, seed=cfg.seed)
     summary = write_summary(out_dir, f"{hparams.alg_name} on {cfg.model.name}, {cfg.data.name}")
     print(json.dumps(summary, indent=1))
     print(f"[run_benchmark] wrote {out_dir / 'cases.jsonl'}, {out_dir / 'summary.json'}, "

@@ -334,3 +334,21 @@ def test_runner_refuses_to_resume_with_other_settings(tmp_path):
     bf16["config"]["model"]["dtype"] = "bfloat16"
     with pytest.raises(ValueError, match="model_dtype: None → 'bfloat16'"):
         rb.check_resumable(tmp_path, bf16)
+
+
+def test_runner_case_results_do_not_depend_on_the_process(model, tok, tmp_path):
+    """Seeded before every edit, a case scores the same whichever shard, resume or rerun ran it
+    (EasyEdit's ROME samples its context templates from torch's generator)."""
+    rb = _load_example("run_benchmark")
+    kw = dict(corpus=CORPUS, settings=SETTINGS, progress=False, fluency_tokens=5)
+    torch.manual_seed(123)
+    whole = rb.run_cases(model, tok, _records(3), _HP(), tmp_path / "whole", edit=_fake_edit_factory([]), **kw)
+    torch.manual_seed(456)
+    shard = rb.run_cases(model, tok, _records(3), _HP(), tmp_path / "shard", edit=_fake_edit_factory([]),
+                         shard=(1, 2), **kw)
+    assert shard[0]["case_id"] == 101
+    assert shard[0]["metrics"] == whole[1]["metrics"]
+    # the noisy fake edit does move the metrics when the draw is not controlled
+    unseeded = rb.run_cases(model, tok, _records(2), _HP(), tmp_path / "unseeded", edit=_fake_edit_factory([]),
+                            seed=None, **kw)
+    assert unseeded[1]["metrics"] != whole[1]["metrics"]

@@ -115,7 +115,7 @@ def _jsonable(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-# run.json keys a resumed run may change: where it runs and which slice it takes
+# run.json keys a resumed run may change (where it runs; the seed, shard and limit live in config)
 _RUN_CONTROL = ("hparams.device",)
 
 

@@ -90,7 +90,10 @@ def bad_request(draw):
     subject = draw(st.one_of(WORDS, TEXT.filter(lambda s: s.strip() and "{}" not in s)))
     filler = draw(st.one_of(TEXT, WORDS, LONG))
     target = draw(st.one_of(WORDS, TEXT.filter(str.strip)))
-    kind = draw(st.sampled_from(["empty", "blank", "absent", "repeated", "two_slots", "not_str"]))
+    kind = draw(st.sampled_from(["empty", "blank", "absent", "repeated", "two_slots", "stray_brace",
+                                 "not_str"]))
+    # a brace anywhere is its own refusal (checked first), so only the brace kinds may carry one
+    assume(not any(b in subject + filler for b in "{}"))
     prompt = f"{filler} {subject} is produced by"
     req = {"prompt": prompt, "subject": subject, "target_new": target}
     if kind in ("empty", "blank"):
@@ -109,6 +112,9 @@ def bad_request(draw):
     if kind == "two_slots":
         req["prompt"] = "{} " + filler + " {} is produced by"
         return req, "slots"
+    if kind == "stray_brace":
+        req["prompt"] = filler + " " + draw(st.sampled_from(["{", "}", "{0}"])) + " " + prompt
+        return req, "braces"
     if kind == "not_str":
         field = draw(st.sampled_from(["prompt", "subject", "target_new"]))
         req[field] = draw(st.sampled_from([None, 3, ["a"], b"bytes"]))

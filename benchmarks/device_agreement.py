@@ -49,8 +49,9 @@ def main() -> None:
     ap.add_argument("run_b")
     args = ap.parse_args()
     a, b = Path(args.run_a), Path(args.run_b)
-    report = agreement(_read_cases(a), _read_cases(b))
-    devices = [sorted({str(c.get("device", "?")) for c in _read_cases(p)}) for p in (a, b)]
+    cases_a, cases_b = _read_cases(a), _read_cases(b)
+    report = agreement(cases_a, cases_b)
+    devices = [sorted({str(c.get("device", "?")) for c in cases}) for cases in (cases_a, cases_b)]
     print(f"{a} ({', '.join(devices[0])}) vs {b} ({', '.join(devices[1])}): {report['cases']} common "
           f"cases, {report['cases_identical']} with every metric identical")
     print("| metric | cases | equal | max |a-b| | mean |a-b| |\n|---|---:|---:|---:|---:|")

@@ -70,6 +70,16 @@ def _row(name: str, summary: dict, delta: bool = False) -> str:
     return f"| {name} | {n} | " + " | ".join(cells) + " |"
 
 
+def device_counts(cases: list[dict]) -> str:
+    """Which device ran how many cases, e.g. 'cpu 40, not recorded 60' (lines before the runner
+    recorded the device have none): a run finished on another device than it started on says so."""
+    counts: dict[str, int] = {}
+    for case in cases:
+        name = str(case["device"]) if case.get("device") is not None else "not recorded"
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def comparison_table(runs: list[dict]) -> str:
     from rep_easyedit.evaluation import summarize
 
@@ -99,6 +109,8 @@ def comparison_table(runs: list[dict]) -> str:
     for i, run in enumerate(runs):
         if i not in used:
             lines.append(_row(run["label"], summarize(run["cases"])))
+    lines += ["", "Cases per device (each case line records the device that ran it):", ""]
+    lines += [f"- {run['label']}: {device_counts(run['cases'])}" for run in runs]
     return "\n".join(lines) + "\n"
 
 

@@ -301,10 +301,12 @@ def test_compare_runs(model, tok, tmp_path):
 
         rb.run_cases(model, tok, _records(2), HP(), tmp_path / alg, corpus=CORPUS, settings=SETTINGS,
                      edit=_fake_edit_factory([], rep_seed_offset=offset), progress=False,
-                     key_similarity=True, run_info={"alg": alg, "model": "tiny"}, fluency_tokens=5)
+                     key_similarity=True, run_info={"alg": alg, "model": "tiny", "device": "cpu"},
+                     fluency_tokens=5)
     written = cr.compare([tmp_path / "ROME", tmp_path / "REP-ROME"], tmp_path / "cmp")
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| ROME [tiny] |" in table and "| Δ |" in table
+    assert "- ROME: cpu 2" in table  # the device each case ran on (run_info's, as the runner records it)
     names = sorted(p.name for p in written["plots"])
     assert "robustness.png" in names and any(n.startswith("key_similarity_REP-ROME") for n in names)
     for p in written["plots"]:

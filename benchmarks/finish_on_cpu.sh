@@ -4,6 +4,7 @@
 #   cpu/MEMIT, cpu/REP-MEMIT    all 100 cases on this CPU (seeded): a same-device pair
 #   dev100/<ALG>                the H200 run (gpu_h200/<ALG>) copied once, its missing cases
 #                               finished here; each case line records the device that ran it
+#                               (EMMET finished all 100 on the H200: gpu_h200/EMMET)
 # Usage: bash benchmarks/finish_on_cpu.sh [RUN ...]   (default: all, in the order below)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -354,3 +354,16 @@ def test_runner_case_results_do_not_depend_on_the_process(model, tok, tmp_path):
     unseeded = rb.run_cases(model, tok, _records(2), _HP(), tmp_path / "unseeded", edit=_fake_edit_factory([]),
                             seed=None, **kw)
     assert unseeded[1]["metrics"] != whole[1]["metrics"]
+
+
+def test_paired_deltas_pair_cases_by_id_and_bracket_the_mean():
+    spec = importlib.util.spec_from_file_location("paired_deltas", ROOT / "benchmarks" / "paired_deltas.py")
+    pd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pd)
+    base = [{"case_id": i, "metrics": {"shuffle_in": 0.0 if i < 3 else None}} for i in range(4)]
+    # the REP run finished its cases in another order (shards) and one case base never ran
+    rep = [{"case_id": i, "metrics": {"shuffle_in": v}} for i, v in ((2, 1.0), (0, 0.5), (1, 0.0), (3, 1.0), (9, 1.0))]
+    d = pd.paired_differences(base, rep, "shuffle_in")
+    assert sorted(d.tolist()) == [0.0, 50.0, 100.0]  # case 3 has no base score, case 9 no base line
+    low, high = pd.bootstrap_interval(d)
+    assert 0.0 <= low <= d.mean() <= high <= 100.0

@@ -137,7 +137,7 @@ def plot_robustness(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_title("Edit success, generalisation and robustness per method")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

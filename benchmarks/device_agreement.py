@@ -10,25 +10,20 @@ the script prints how many cases agree exactly and the largest and mean absolute
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
 
-
-def _read_cases(path: Path) -> list[dict]:
-    spec = importlib.util.spec_from_file_location("run_benchmark", ROOT / "examples/run_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.read_cases(path / "cases.jsonl")
+from run_benchmark import pair_cases, read_cases  # noqa: E402  (examples/ is not a package)
 
 
 def agreement(cases_a: list[dict], cases_b: list[dict]) -> dict:
     """Per metric: cases compared, cases equal, max and mean |a - b| (metrics in [0, 1], fluency in bits)."""
-    by_id = {str(c["case_id"]): c for c in cases_b}
-    common = [(a, by_id[str(a["case_id"])]) for a in cases_a if str(a["case_id"]) in by_id]
+    common = pair_cases(cases_a, cases_b)
     report = {"cases": len(common), "cases_identical": 0, "metrics": {}}
     for a, b in common:
         if a["metrics"] == b["metrics"]:
@@ -49,7 +44,7 @@ def main() -> None:
     ap.add_argument("run_b")
     args = ap.parse_args()
     a, b = Path(args.run_a), Path(args.run_b)
-    cases_a, cases_b = _read_cases(a), _read_cases(b)
+    cases_a, cases_b = read_cases(a / "cases.jsonl"), read_cases(b / "cases.jsonl")
     report = agreement(cases_a, cases_b)
     devices = [sorted({str(c.get("device", "?")) for c in cases}) for cases in (cases_a, cases_b)]
     print(f"{a} ({', '.join(devices[0])}) vs {b} ({', '.join(devices[1])}): {report['cases']} common "

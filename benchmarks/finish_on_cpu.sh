@@ -35,7 +35,7 @@ runs=("$@")
 for name in "${runs[@]}"; do
     echo "$(date -u +%H:%M:%S) $name"
     case $name in
-        MEMIT|REP-MEMIT) mkdir -p "$R/cpu"; run "$name" "$R/cpu/$name" ;;
+        MEMIT|REP-MEMIT) run "$name" "$R/cpu/$name" ;;
         REP-ROME) from_h200 "$name" key_similarity=true ;;
         *) from_h200 "$name" ;;
     esac

@@ -26,15 +26,10 @@ METRICS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "
 
 def paired_differences(base_cases: list[dict], rep_cases: list[dict], metric: str) -> np.ndarray:
     """REP − base per case, in percentage points, over cases both runs scored on `metric`."""
-    rep_by_id = {str(c["case_id"]): c for c in rep_cases}
-    diffs = []
-    for b in base_cases:
-        r = rep_by_id.get(str(b["case_id"]))
-        if r is None:
-            continue
-        vb, vr = b["metrics"].get(metric), r["metrics"].get(metric)
-        if vb is not None and vr is not None:
-            diffs.append(100.0 * (vr - vb))
+    from run_benchmark import pair_cases
+
+    diffs = [100.0 * (r["metrics"][metric] - b["metrics"][metric]) for b, r in pair_cases(base_cases, rep_cases)
+             if b["metrics"].get(metric) is not None and r["metrics"].get(metric) is not None]
     return np.asarray(diffs, dtype=float)
 
 

@@ -22,24 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def prompt_key(model, tok, module, prompt: str, subject: str) -> torch.Tensor:
-    """The down-projection's input at the last subject token of `prompt` (adapters must be off)."""
-    end = len(tok(prompt[: prompt.index(subject) + len(subject)])["input_ids"]) - 1
-    seen = {}
-    handle = module.register_forward_pre_hook(lambda m, args: seen.__setitem__("k", args[0].detach()))
-    try:
-        with torch.no_grad():
-            model(**tok(prompt, return_tensors="pt").to(next(model.parameters()).device))
-    finally:
-        handle.remove()
-    return seen["k"][0, end]
-
-
 def probe(model, tok, hparams, record: dict, index: int) -> dict:
     from run_benchmark import edit_request
 
     from rep_easyedit.editing import edited
     from rep_easyedit.evaluation import exact_match
+    from rep_easyedit.keys import collect_keys, subject_last_index
     from rep_easyedit.pathway import get_module, pathway_of
 
     request = edit_request(record)
@@ -55,13 +43,15 @@ def probe(model, tok, hparams, record: dict, index: int) -> dict:
             a.tau = 2.0     # off instead would make the pathway remove itself mid-edit)
         try:
             off = exact_match(model, tok, [prompt], record["target_new"])[0]
-            k = prompt_key(model, tok, module, prompt, record["subject"])
+            end = subject_last_index(tok, prompt, prompt.index(record["subject"]) + len(record["subject"]))
+            k = collect_keys(model, tok, [prompt], path, positions=[end])[0][0]  # raw: adapters pass
         finally:
             for a, tau in zip(adapters, taus):
                 a.tau = tau
+        k = k.to(adapters[-1].active.device)
         with torch.no_grad():  # the raw key through the adapter, hard gate as at inference
             gate = float(adapters[-1].gate_prob(k)[..., 0])
-            moved = float((adapters[-1](k, hard=True) - k).float().norm() / k.float().norm())
+            moved = float((adapters[-1](k, hard=True) - k).norm() / k.norm())
     return {"index": index, "case_id": record["case_id"], "prompt": prompt, "target_new": record["target_new"],
             "success_adapters_on": on, "success_adapters_off": off, "gate_at_prompt": round(gate, 4),
             "key_moved_rel": round(moved, 4)}

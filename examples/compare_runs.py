@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,14 +74,13 @@ def _row(name: str, summary: dict, delta: bool = False) -> str:
 def device_counts(cases: list[dict]) -> str:
     """Which device ran how many cases, e.g. 'cpu 40, not recorded 60' (lines before the runner
     recorded the device have none): a run finished on another device than it started on says so."""
-    counts: dict[str, int] = {}
-    for case in cases:
-        name = str(case["device"]) if case.get("device") is not None else "not recorded"
-        counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    counts = Counter(str(c["device"]) if c.get("device") is not None else "not recorded" for c in cases)
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common())
 
 
 def comparison_table(runs: list[dict]) -> str:
+    from run_benchmark import pair_cases
+
     from rep_easyedit.evaluation import summarize
 
     header = "| method | n | " + " | ".join(HEADERS.get(k, k) for k in COLUMNS) + " |"
@@ -97,9 +97,8 @@ def comparison_table(runs: list[dict]) -> str:
     for (model, data, backend), pair in groups.items():
         if "base" in pair and "rep" in pair:
             base, rep = runs[pair["base"]], runs[pair["rep"]]
-            common = {str(c["case_id"]) for c in base["cases"]} & {str(c["case_id"]) for c in rep["cases"]}
-            sb = summarize([c for c in base["cases"] if str(c["case_id"]) in common])
-            sr = summarize([c for c in rep["cases"] if str(c["case_id"]) in common])
+            pairs = pair_cases(base["cases"], rep["cases"])
+            sb, sr = summarize([b for b, _ in pairs]), summarize([r for _, r in pairs])
             diff = {k: (sr[k] - sb[k]) if sr.get(k) is not None and sb.get(k) is not None else None
                     for k in COLUMNS}
             tag = f" [{model}]" if model else ""

@@ -100,6 +100,12 @@ def read_cases(path: Path) -> list[dict]:
     return cases
 
 
+def pair_cases(cases_a: Sequence[dict], cases_b: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """(a, b) for every case both runs finished, matched by case_id (shards finish out of order)."""
+    by_id = {str(c["case_id"]): c for c in cases_b}
+    return [(a, by_id[str(a["case_id"])]) for a in cases_a if str(a["case_id"]) in by_id]
+
+
 def _jsonable(obj):
     import numpy as np
     import torch

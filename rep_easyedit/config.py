@@ -14,9 +14,9 @@ class REPConfig:
     rank: int = 32                 # bottleneck r of D -> r -> D
     gate_ratio: float = 0.1        # gate hidden size = ceil(gate_ratio * D)
     tau: float = 0.9               # hard-gate threshold at inference
-    # training
-    steps: int = 100
-    lr: float = 1e-3
+    # training (the default recipe: chosen on both bundled models, README "The default recipe")
+    steps: int = 200               # cap on Adam steps; with adaptive_stop training usually ends earlier
+    lr: float = 3e-3
     alpha: float = 1.0             # weight of the consistency loss
     gate_weight: float = 1.0       # weight of the gate BCE loss (0: no gate training, paper-style)
     aggregation: str = "match"     # "match" (pull onto k*) or "cosine" (paper, whitened)
@@ -28,6 +28,16 @@ class REPConfig:
     # backends (MEMIT, EMMET over several layers) move the keys of the upper edited layers when
     # they update the lower ones; a one-layer edit reads the same keys either way.
     fit_after_update: bool = False
+    # adaptive stop (training.train_adapter): from min_steps on, stop once the aggregation loss has
+    # plateaued (< stop_plateau relative gain over 10 steps) and the hard gate separates (at least
+    # stop_pos_fire of the positives fire, at most stop_neg_fire of the negatives)
+    adaptive_stop: bool = True
+    min_steps: int = 30
+    stop_plateau: float = 0.03
+    stop_pos_fire: float = 0.95
+    stop_neg_fire: float = 0.01
+    # an edit whose pathway does nothing (health.py): warn (false) or raise before the model changes
+    strict: bool = False
     num_negatives: int = 1024      # gate negatives sampled per edit
     corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
@@ -57,7 +67,10 @@ class REPConfig:
                              "rep.fit_after_update trains only after the update; choose one")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"rep.tau must lie in (0, 1), got {self.tau}")
-        for name in ("rank", "steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
+        for name in ("stop_plateau", "stop_pos_fire", "stop_neg_fire"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
                      "num_negatives", "corpus_negative_texts"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")

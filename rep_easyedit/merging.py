@@ -52,8 +52,7 @@ def merge_adapters(model, path: str, groups: Sequence[TrainingKeys], rep, rank: 
         torch.manual_seed(rep.seed)
         merged = GatedLowRankAdapter(dim, min(dim, rank or rep.rank * len(groups)), rep.gate_ratio, rep.tau)
     merged.to(module.weight.device)
-    report = train_adapter(merged, keys, steps=steps or rep.steps, lr=rep.lr, alpha=rep.alpha,
-                           gate_weight=rep.gate_weight, aggregation=rep.aggregation)
+    report = train_adapter(merged, keys, rep, steps=steps)
     for p in merged.parameters():
         p.requires_grad_(False)
     for adapter in current:

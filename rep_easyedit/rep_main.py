@@ -24,6 +24,7 @@ from .keys import collect_keys, subject_last_index
 from .models import padding_side
 from .pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .perturbations import Perturbations, build_perturbations, with_context, with_subject
+from .health import check_health, pathway_health
 from .requests import validate_requests
 from .training import TrainingKeys, train_adapter
 
@@ -59,7 +60,23 @@ def edited_module_paths(model, base_hp) -> dict[int, str]:
         if not hasattr(module, "weight"):
             raise LayoutError(f"`rewrite_module_tmp` gives {path}, which has no weight to edit")
         paths[layer] = path
+    _check_module_fields(model, base_hp, layers)
     return paths
+
+
+def _check_module_fields(model, base_hp, layers) -> None:
+    """Every other module the backend will look up (`*_module_tmp` per layer, `*_module`) exists."""
+    for name in sorted(vars(base_hp)):
+        value = getattr(base_hp, name)
+        if not isinstance(value, str) or not (name.endswith("_module_tmp") or name.endswith("_module")):
+            continue
+        for path in ([value.format(layer) for layer in layers] if "{}" in value else [value]):
+            try:
+                get_module(model, path)
+            except LookupError:
+                raise LayoutError(
+                    f"hparams `{name}: {value}` names {path}, which {type(model).__name__} does not have; "
+                    f"set it to this model's module path (see `model.named_modules()`)") from None
 
 
 def _prompt_filled(request: dict) -> str:
@@ -152,9 +169,7 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
                 adapter = GatedLowRankAdapter(keys.positives.shape[-1], rep.rank, rep.gate_ratio, rep.tau)
             adapter.to(get_module(model, path).weight.device)
             t1 = time.perf_counter()
-            report = train_adapter(adapter, keys, steps=rep.steps, lr=rep.lr, alpha=rep.alpha,
-                                   gate_weight=rep.gate_weight, aggregation=rep.aggregation,
-                                   use_abs=rep.aggregation_abs)
+            report = train_adapter(adapter, keys, rep)
             report.seconds_keys = t_keys
             report.seconds_train = time.perf_counter() - t1
             for p in adapter.parameters():
@@ -243,6 +258,8 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                                            long_tokens=rep.long_context_tokens, base_seed=rep.seed)
                 fitted = fit_adapters(model, tok, request, pert, templates, paths, rep, corpus,
                                       inverse_covariance=inverse_covariance)
+                health = pathway_health({path: report for path, _, report in fitted})
+                check_health(health, rep, request)
                 reports = {}
                 for path, adapter, report in fitted:
                     install(model, path, adapter)
@@ -252,6 +269,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                 t_train = sum(r["seconds_train"] for r in reports.values())
                 request["rep"] = {
                     "perturbations": pert.to_dict(),
+                    "health": health,
                     "training": reports,
                     "seconds": {"context_templates": t_templates, "keys": t_keys, "train": t_train,
                                 "rep_total": time.perf_counter() - t1 + t_templates},

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .adapter import GatedLowRankAdapter
 
+STOP_CHECK_EVERY = 10  # steps between adaptive-stop checks (each costs one host-device sync)
+
 
 @dataclass
 class TrainingKeys:
@@ -44,6 +46,8 @@ class TrainingReport:
     gate_pos_fire: float   # share of positives with gate > τ after training
     gate_neg_fire: float   # share of negatives with gate > τ after training
     activation: float      # mean (k̂_s·k*)/(k*·k*) over positives with the hard gate
+    distance_before: float = 0.0  # mean ‖k_s − k*‖/‖k*‖ of the positives before training
+    distance_after: float = 0.0   # the same with the trained adapter (hard gate)
     seconds_keys: float = 0.0
     seconds_train: float = 0.0
 
@@ -58,10 +62,32 @@ def aggregation_loss(adapted: torch.Tensor, keys: TrainingKeys, kind: str, use_a
     raise ValueError(f"unknown aggregation {kind!r}: use 'match' or 'cosine'")
 
 
-def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: int, lr: float,
-                  alpha: float, gate_weight: float, aggregation: str = "match",
-                  use_abs: bool = False) -> TrainingReport:
-    """Full-batch Adam on cached keys (float32, on the adapter's device)."""
+def relative_distance(keys: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean ‖k − target‖ / ‖target‖ over keys (target: [D] or one row per key)."""
+    if len(keys) == 0:
+        return 0.0
+    return float(((keys - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-12)).mean())
+
+
+def _gate_separates(adapter: GatedLowRankAdapter, pos: torch.Tensor, neg: torch.Tensor, rep) -> bool:
+    with torch.no_grad():
+        pos_fire = (adapter.gate_prob(pos) > adapter.tau).float().mean()
+        neg_fire = (adapter.gate_prob(neg) > adapter.tau).float().mean() if len(neg) else torch.zeros(())
+    return bool(pos_fire >= rep.stop_pos_fire) and bool(neg_fire <= rep.stop_neg_fire)
+
+
+def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
+                  steps: int | None = None) -> TrainingReport:
+    """Full-batch Adam on cached keys (float32, on the adapter's device), settings from `rep`.
+
+    `rep` is the whole `REPConfig` (rank and gate are the adapter's). Training stops adaptively
+    (`rep.adaptive_stop`): checked every `STOP_CHECK_EVERY` steps from `rep.min_steps` on, it stops once
+    (a) the held-in keys are on their target: the aggregation loss improved by less than
+    `rep.stop_plateau` (relative) over the last check window, and (b) the hard gate separates:
+    at least `rep.stop_pos_fire` of the positives fire and at most `rep.stop_neg_fire` of the
+    negatives. `steps` (default `rep.steps`) is the cap; the steps used are reported.
+    """
+    cap = rep.steps if steps is None else steps
     device = next(adapter.parameters()).device
     pos = keys.positives.to(device, torch.float32)
     neg = keys.negatives.to(device, torch.float32)
@@ -69,27 +95,41 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
                           None if keys.target_whitened is None else keys.target_whitened.to(device, torch.float32))
     k_star = target.edit_keys()
     params = [p for p in adapter.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=rep.lr)
+    with torch.no_grad():
+        distance_before = relative_distance(pos, target.target)
     adapter.train()
     loss = agg = cons = gate = torch.zeros(())
-    for _ in range(steps):
+    window_start = None
+    used = 0
+    for step in range(cap):
         opt.zero_grad(set_to_none=True)
-        agg = aggregation_loss(pos + adapter.delta(pos), target, aggregation, use_abs)
+        agg = aggregation_loss(pos + adapter.delta(pos), target, rep.aggregation, rep.aggregation_abs)
         cons = adapter.delta(k_star).pow(2).sum(-1).mean() / k_star.pow(2).sum(-1).mean()
-        if gate_weight > 0:
+        if rep.gate_weight > 0:
             logits_pos = adapter.gate(pos).squeeze(-1)
-            logits_neg = adapter.gate(neg).squeeze(-1) if len(neg) else logits_pos[:0]
             gate = F.binary_cross_entropy_with_logits(logits_pos, torch.ones_like(logits_pos))
             if len(neg):
+                logits_neg = adapter.gate(neg).squeeze(-1)
                 gate = gate + F.binary_cross_entropy_with_logits(logits_neg, torch.zeros_like(logits_neg))
         else:
             gate = torch.zeros((), device=device)
-        loss = agg + alpha * cons + gate_weight * gate
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
-                                     f"lower `rep.lr` or `rep.alpha`")
+        loss = agg + rep.alpha * cons + rep.gate_weight * gate
+        if step % STOP_CHECK_EVERY == 0:  # one host sync per window, not per step
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
+                                         f"lower `rep.lr` or `rep.alpha`")
+            if rep.adaptive_stop and step >= max(rep.min_steps, STOP_CHECK_EVERY) and window_start is not None:
+                plateau = (window_start - agg.item()) <= rep.stop_plateau * abs(window_start)
+                if plateau and _gate_separates(adapter, pos, neg, rep):
+                    break
+            window_start = agg.item()
         loss.backward()
         opt.step()
+        used = step + 1
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
+                                 f"lower `rep.lr` or `rep.alpha`")
     adapter.eval()
     loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
     with torch.no_grad():
@@ -97,8 +137,9 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, *, steps: in
         g_neg = adapter.gate_prob(neg).squeeze(-1) if len(neg) else g_pos[:0]
         hard = adapter(pos, hard=True)
         activation = ((hard * target.target).sum(-1) / target.target.pow(2).sum(-1)).mean().item()
+        distance_after = relative_distance(hard, target.target)
     return TrainingReport(
-        steps=steps, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
+        steps=used, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
         gate=gate.item(), gate_pos_fire=float((g_pos > adapter.tau).float().mean()),
         gate_neg_fire=float((g_neg > adapter.tau).float().mean()) if len(g_neg) else 0.0,
-        activation=activation)
+        activation=activation, distance_before=distance_before, distance_after=distance_after)

@@ -45,7 +45,7 @@ def test_merged_adapter_replaces_the_stack_and_serves_every_edit():
     stacked = []
     for g in groups:
         adapter = GatedLowRankAdapter(DIM, rep.rank, rep.gate_ratio, rep.tau)
-        train_adapter(adapter, g, steps=rep.steps, lr=rep.lr, alpha=rep.alpha, gate_weight=rep.gate_weight)
+        train_adapter(adapter, g, rep)
         install(model, "down_proj", adapter)
         stacked.append(adapter)
     assert len(pathway_of(model.down_proj).adapters) == 3
@@ -68,3 +68,21 @@ def test_merged_adapter_replaces_the_stack_and_serves_every_edit():
             assert torch.equal(merged(fresh[:5], hard=True)[merged.gate_prob(fresh[:5]).squeeze(-1) <= rep.tau],
                                fresh[:5][merged.gate_prob(fresh[:5]).squeeze(-1) <= rep.tau])
     assert report.gate_pos_fire > 0.9
+
+
+def test_merging_trains_with_the_whole_rep_config(monkeypatch):
+    """Regression: merge_adapters dropped `rep.aggregation_abs`, so a merged adapter ignored it."""
+    import rep_easyedit.training as training
+
+    seen = []
+    real = training.aggregation_loss
+
+    def spy(adapted, keys, kind, use_abs):
+        seen.append((kind, use_abs))
+        return real(adapted, keys, kind, use_abs)
+
+    monkeypatch.setattr(training, "aggregation_loss", spy)
+    rep = REPConfig(rank=4, steps=3, aggregation="cosine", aggregation_abs=True, adaptive_stop=False)
+    groups = [_edit_keys(1), _edit_keys(2)]
+    merge_adapters(Layer(), "down_proj", groups, rep, rank=8)
+    assert seen and all(s == ("cosine", True) for s in seen)

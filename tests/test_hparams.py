@@ -20,13 +20,16 @@ def _raw():
     return yaml.safe_load(YAML.read_text())
 
 
-def test_loads_shipped_yaml():
+def test_loads_shipped_yaml(tmp_path):
     hp = REPHyperParams.from_hparams(YAML)
     assert hp.alg_name == "REP-ROME" and hp.backend_name == "ROME"
     assert hp.layers == [3] and isinstance(hp.v_lr, float) and hp.v_lr == 0.5
-    raw = _raw()
-    assert hp.rep.rank == raw["rep"]["rank"] and isinstance(hp.rep.lr, float)
-    assert hp.rep.lr == pytest.approx(float(raw["rep"]["lr"]))  # "3e-3" in YAML 1.1 is a string
+    assert hp.rep == rep_easyedit.REPConfig()  # the shipped file uses the default recipe
+    text = YAML.read_text().replace("rep:\n", "rep:\n  lr: 3e-3\n  rank: 16\n", 1)
+    (tmp_path / "hp.yaml").write_text(text)
+    changed = REPHyperParams.from_hparams(tmp_path / "hp.yaml")
+    assert changed.rep.rank == 16 and isinstance(changed.rep.lr, float)
+    assert changed.rep.lr == pytest.approx(3e-3)  # "3e-3" in YAML 1.1 is a string
     base = hp.backend_hparams()
     assert type(base).__name__ == "ROMEHyperParams" and base.alg_name == "ROME"
 

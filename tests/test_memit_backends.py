@@ -259,9 +259,9 @@ def test_rep_memit_cosine_target_whitening(model, tokenizer, tmp_path, monkeypat
     targets = []
     real = rep_main.train_adapter
 
-    def spy(adapter, keys, **kwargs):
+    def spy(adapter, keys, *args, **kwargs):
         targets.append((keys.target.clone(), None if keys.target_whitened is None else keys.target_whitened.clone()))
-        return real(adapter, keys, **kwargs)
+        return real(adapter, keys, *args, **kwargs)
 
     monkeypatch.setattr(rep_main, "train_adapter", spy)
     apply_rep_to_model(model, tokenizer, [dict(REQ)], hp, keep_original_weight=True)

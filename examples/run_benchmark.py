@@ -318,7 +318,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
                         "locality_reference": t_ref, "case": time.perf_counter() - t_case},
         }
         if rep_info:
-            line["rep"] = {"training": rep_info.get("training"), "seconds": rep_info.get("seconds")}
+            line["rep"] = {"health": rep_info.get("health"), "training": rep_info.get("training"),
+                           "seconds": rep_info.get("seconds")}
         if ks is not None:
             line["key_similarity"] = ks
         append_line(cases_path, line)

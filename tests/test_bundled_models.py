@@ -66,6 +66,7 @@ def test_rep_rome_edits_gemma3_through_base_editor():
     model, tok = editor.model, editor.tok
     assert model.config.model_type == "gemma3_text"
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _logits(model, tok, PROBE + [case["prompt"]])
     torch.manual_seed(0)
     request = request_from_case(case)
     metrics, _, _ = editor.edit(prompts=[request["prompt"]], ground_truth=[request["ground_truth"]],
@@ -79,4 +80,6 @@ def test_rep_rome_edits_gemma3_through_base_editor():
     assert layer["gate_pos_fire"] > 0.9 and layer["distance_after"] < layer["distance_before"]
     after = model.state_dict()
     assert all(torch.equal(after[k], state[k]) for k in state)
+    # the restored adapter is an exact identity and takes itself off at the next forward
+    assert torch.equal(_logits(model, tok, PROBE + [case["prompt"]]), before)
     assert rep_easyedit.installed_paths(model) == []

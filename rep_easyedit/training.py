@@ -69,11 +69,18 @@ def relative_distance(keys: torch.Tensor, target: torch.Tensor) -> float:
     return float(((keys - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
-def _gate_separates(adapter: GatedLowRankAdapter, pos: torch.Tensor, neg: torch.Tensor, rep) -> bool:
+def fire_shares(adapter: GatedLowRankAdapter, pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, float]:
+    """Shares of positives and of negatives where the hard gate fires (gate > τ)."""
     with torch.no_grad():
-        pos_fire = (adapter.gate_prob(pos) > adapter.tau).float().mean()
-        neg_fire = (adapter.gate_prob(neg) > adapter.tau).float().mean() if len(neg) else torch.zeros(())
-    return bool(pos_fire >= rep.stop_pos_fire) and bool(neg_fire <= rep.stop_neg_fire)
+        pos_fire = float((adapter.gate_prob(pos) > adapter.tau).float().mean())
+        neg_fire = float((adapter.gate_prob(neg) > adapter.tau).float().mean()) if len(neg) else 0.0
+    return pos_fire, neg_fire
+
+
+def _require_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
+                                 f"lower `rep.lr` or `rep.alpha`")
 
 
 def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
@@ -115,31 +122,27 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         else:
             gate = torch.zeros((), device=device)
         loss = agg + rep.alpha * cons + rep.gate_weight * gate
-        if step % STOP_CHECK_EVERY == 0:  # one host sync per window, not per step
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
-                                         f"lower `rep.lr` or `rep.alpha`")
+        if step % STOP_CHECK_EVERY == 0:  # host syncs once per window, not per step
+            _require_finite(loss)
+            now = agg.item()
             if rep.adaptive_stop and step >= max(rep.min_steps, STOP_CHECK_EVERY) and window_start is not None:
-                plateau = (window_start - agg.item()) <= rep.stop_plateau * abs(window_start)
-                if plateau and _gate_separates(adapter, pos, neg, rep):
-                    break
-            window_start = agg.item()
+                plateau = (window_start - now) <= rep.stop_plateau * abs(window_start)
+                if plateau:
+                    pos_fire, neg_fire = fire_shares(adapter, pos, neg)
+                    if pos_fire >= rep.stop_pos_fire and neg_fire <= rep.stop_neg_fire:
+                        break
+            window_start = now
         loss.backward()
         opt.step()
         used = step + 1
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
-                                 f"lower `rep.lr` or `rep.alpha`")
+    _require_finite(loss)
     adapter.eval()
     loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
+    pos_fire, neg_fire = fire_shares(adapter, pos, neg)
     with torch.no_grad():
-        g_pos = adapter.gate_prob(pos).squeeze(-1)
-        g_neg = adapter.gate_prob(neg).squeeze(-1) if len(neg) else g_pos[:0]
         hard = adapter(pos, hard=True)
         activation = ((hard * target.target).sum(-1) / target.target.pow(2).sum(-1)).mean().item()
         distance_after = relative_distance(hard, target.target)
     return TrainingReport(
         steps=used, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
-        gate=gate.item(), gate_pos_fire=float((g_pos > adapter.tau).float().mean()),
-        gate_neg_fire=float((g_neg > adapter.tau).float().mean()) if len(g_neg) else 0.0,
-        activation=activation, distance_before=distance_before, distance_after=distance_after)
+        gate=gate.item(), gate_pos_fire=pos_fire, gate_neg_fire=neg_fire, activation=activation, distance_before=distance_before, distance_after=distance_after)

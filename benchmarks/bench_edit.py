@@ -107,7 +107,7 @@ def setup_worker(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from rep_easyedit.models import load_model_and_tokenizer
+    from rep_easyedit.model_loading import load_model_and_tokenizer
 
     t0 = time.perf_counter()
     model, tok = load_model_and_tokenizer(args.model, device=args.device)
@@ -262,8 +262,8 @@ def ensure_stats(args, model, tok, hp) -> list[str]:
 
 def reference_batch(request: dict, pert, rep, tok):
     """Up to 16 variant prompts (cycled when fewer variants exist) and each one's subject-last index."""
-    from rep_easyedit.keys import subject_last_index
-    from rep_easyedit.perturbations import with_subject
+    from rep_easyedit.core.keys import subject_last_index
+    from rep_easyedit.core.perturbations import with_subject
     from rep_easyedit.rep_main import _prompt_filled, training_variants
 
     variants = training_variants(request, pert, [t for t in rep.train_on if t != "long"])
@@ -281,14 +281,15 @@ def reference_batch(request: dict, pert, rep, tok):
 def worker_reference(args) -> dict:
     import torch
 
-    from rep_easyedit.adapter import GatedLowRankAdapter
+    from rep_easyedit.core.adapter import GatedLowRankAdapter
     from rep_easyedit.corpus import load_corpus
     from rep_easyedit.editing import load_hparams
-    from rep_easyedit.keys import collect_keys, model_device, subject_last_index
-    from rep_easyedit.pathway import pathway_installed
-    from rep_easyedit.perturbations import build_perturbations
+    from rep_easyedit.core.devices import model_device
+    from rep_easyedit.core.keys import collect_keys, subject_last_index
+    from rep_easyedit.core.pathway import pathway_installed
+    from rep_easyedit.core.perturbations import build_perturbations
     from rep_easyedit.rep_main import _prompt_filled, edited_module_paths
-    from rep_easyedit.training import TrainingKeys, aggregation_loss
+    from rep_easyedit.core.training import TrainingKeys, aggregation_loss
 
     model, tok, load_s, memory = setup_worker(args)
     hp = load_hparams(hparams_path(args, "REP-ROME"))
@@ -512,7 +513,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     if args.worker:
-        sys.path.insert(0, str(ROOT))
         fn = {"reference": worker_reference, "covariance": worker_covariance}.get(args.worker)
         result = fn(args) if fn else worker_mode(args, args.worker)
         Path(args.worker_out).write_text(json.dumps(result, indent=1, default=float))

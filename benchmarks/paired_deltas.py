@@ -12,13 +12,11 @@ cases REP scored higher / lower / the same.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 METRICS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
            "shuffle_out", "long_in", "long_out", "reversion")
@@ -26,7 +24,7 @@ METRICS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "
 
 def paired_differences(base_cases: list[dict], rep_cases: list[dict], metric: str) -> np.ndarray:
     """REP − base per case, in percentage points, over cases both runs scored on `metric`."""
-    from run_benchmark import pair_cases
+    from rep_easyedit.eval.runner import pair_cases
 
     diffs = [100.0 * (r["metrics"][metric] - b["metrics"][metric]) for b, r in pair_cases(base_cases, rep_cases)
              if b["metrics"].get(metric) is not None and r["metrics"].get(metric) is not None]
@@ -41,7 +39,7 @@ def bootstrap_interval(diffs: np.ndarray, draws: int = 10_000, seed: int = 0) ->
 
 
 def pair_table(base_dir: Path, rep_dir: Path) -> str:
-    from run_benchmark import read_cases
+    from rep_easyedit.eval.runner import read_cases
 
     base, rep = read_cases(base_dir / "cases.jsonl"), read_cases(rep_dir / "cases.jsonl")
     lines = [f"### {rep_dir.name} − {base_dir.name} ({base_dir} vs {rep_dir})", "",

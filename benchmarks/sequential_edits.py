@@ -41,16 +41,16 @@ def main() -> None:
                          "and written (e.g. 5,20,50); the last edit is always checked")
     ap.add_argument("--merge", action="store_true",
                     help="REP: at each check also score the edits with each layer's adapters merged "
-                         "into one retrained on all their keys (rep_easyedit.merging), then go on stacked")
+                         "into one retrained on all their keys (rep_easyedit.core.merging), then go on stacked")
     ap.add_argument("--merge-rank", type=int, default=64, help="rank of the merged adapter")
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
     from rep_easyedit.corpus import load_corpus
     from rep_easyedit.editing import apply_edit, load_hparams
-    from rep_easyedit.evaluation import locality_reference
-    from rep_easyedit.models import load_model_and_tokenizer
-    from rep_easyedit.perturbations import build_perturbations
+    from rep_easyedit.eval.metrics import locality_reference
+    from rep_easyedit.model_loading import load_model_and_tokenizer
+    from rep_easyedit.core.perturbations import build_perturbations
 
     hp = load_hparams(ROOT / f"hparams/{args.alg}/smollm2-135m.yaml")
     rep_cfg = load_hparams(ROOT / "hparams/REP-ROME/smollm2-135m.yaml").rep
@@ -111,8 +111,8 @@ def _record_training_keys() -> dict[str, list]:
 @contextlib.contextmanager
 def _merged(model, captured: dict[str, list], rep_cfg, rank: int):
     """Each layer's stacked adapters swapped for one merged adapter, then put back."""
-    from rep_easyedit.merging import merge_adapters
-    from rep_easyedit.pathway import detach_adapter, get_module, install, pathway_of
+    from rep_easyedit.core.merging import merge_adapters
+    from rep_easyedit.core.pathway import detach_adapter, get_module, install, pathway_of
 
     stacked = {path: list(pathway_of(get_module(model, path)).adapters) for path in captured}
     reports, merged = {"seconds": 0.0, "gate": {}}, {}
@@ -136,8 +136,8 @@ def _merged(model, captured: dict[str, list], rep_cfg, rank: int):
 
 def _check_edits_so_far(model, tok, cases, perts, refs, alg, seconds) -> dict:
     """Score every edit made so far on the model as it is now."""
-    from rep_easyedit.evaluation import evaluate_case
-    from rep_easyedit.pathway import installed_paths, pathway_of, get_module
+    from rep_easyedit.eval.metrics import evaluate_case
+    from rep_easyedit.core.pathway import installed_paths, pathway_of, get_module
 
     adapters = sum(len(pathway_of(get_module(model, p)).adapters) for p in installed_paths(model))
     rows = []

@@ -12,24 +12,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import rep_easyedit  # noqa: F401  registers REP-ROME with EasyEdit
+from rep_easyedit.core.perturbations import build_perturbations
+from rep_easyedit.corpus import load_corpus
+from rep_easyedit.editing import keep_edit_kwargs, load_hparams, restore_snapshot, snapshot
+from rep_easyedit.eval.metrics import evaluate_case, locality_reference
 
-import rep_easyedit  # noqa: E402  registers REP-ROME with EasyEdit
-from rep_easyedit.corpus import load_corpus  # noqa: E402
-from rep_easyedit.editing import keep_edit_kwargs, load_hparams, restore_snapshot, snapshot  # noqa: E402
-from rep_easyedit.evaluation import evaluate_case, locality_reference  # noqa: E402
-from rep_easyedit.perturbations import build_perturbations  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = {"ROME": ROOT / "hparams/ROME/smollm2-135m.yaml",
            "REP-ROME": ROOT / "hparams/REP-ROME/smollm2-135m.yaml"}

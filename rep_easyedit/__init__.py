@@ -5,15 +5,15 @@ run) with EasyEdit, so `BaseEditor.from_hparams(REPHyperParams.from_hparams(yaml
 any EasyEdit method.
 """
 
-from .adapter import GatedLowRankAdapter
-from .config import REPConfig
+from .core.adapter import GatedLowRankAdapter
+from .core.config import REPConfig
 from .hparams import HParamsError, REPHyperParams
-from .merging import merge_adapters
-from .pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
-from .persistence import PathwayLayoutError, load_pathway, save_edited_model, save_pathway
+from .core.merging import merge_adapters
+from .core.pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
+from .core.persistence import PathwayLayoutError, load_pathway, save_edited_model, save_pathway
 from .registration import register
 from .rep_main import LayoutError, apply_rep_to_model
-from .requests import EditRequestError
+from .core.requests import EditRequestError
 
 REGISTERED = register()
 

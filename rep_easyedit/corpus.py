@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .models import cache_dir
+from .model_loading import cache_dir
 
 PROMPTS = ("The", "In", "A", "It", "This", "When", "After", "There")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
@@ -97,7 +97,7 @@ def sample_texts(model, tok, *, n_texts: int, n_tokens: int, seed: int = 0, batc
     """
     from tqdm.auto import tqdm
 
-    from .keys import model_device
+    from .core.devices import model_device
 
     device = model_device(model)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_texts)]

@@ -29,8 +29,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .keys import model_device
-from .pathway import get_module
+from .core.devices import model_device
+from .core.pathway import get_module
 
 BUILD_COMMAND = "python -m rep_easyedit.stats --hparams <your hparams .yaml>"
 

@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from omegaconf import OmegaConf
-
 from .compat.easyedit import installed_algorithm, shims_applied
-from .hparams import REP_PREFIX, REPHyperParams
-from .pathway import prune_inactive
+from .hparams import REP_PREFIX, REPHyperParams, read_hparams_file
+from .core.pathway import prune_inactive
 
 
 def load_hparams(path: str | Path):
@@ -25,8 +23,8 @@ def load_hparams(path: str | Path):
     import rep_easyedit  # noqa: F401 - registration
     from .backends import get_backend
 
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    alg = raw.get("alg_name") if isinstance(raw, dict) else None
+    path, raw = read_hparams_file(path)
+    alg = raw.get("alg_name")
     if isinstance(alg, str) and alg.startswith(REP_PREFIX):
         return REPHyperParams.from_hparams(path)
     if alg is None or installed_algorithm(alg) is None:
@@ -46,7 +44,7 @@ def apply_edit(model, tok, requests: list[dict], hparams):
         raise ValueError(f"alg_name {hparams.alg_name!r} is not registered with EasyEdit")
     from .backends import get_backend, templates_keyed_by_model
 
-    from .models import padding_side
+    from .core.devices import padding_side
 
     base = getattr(hparams, "backend_name", hparams.alg_name)
     with padding_side(tok, "right"), shims_applied(), \
@@ -89,7 +87,7 @@ def snapshot(model) -> dict:
 
 def restore_snapshot(model, state: dict) -> None:
     """Take off every REP pathway and write the snapshot back."""
-    from .pathway import remove_pathways
+    from .core.pathway import remove_pathways
 
     remove_pathways(model)
     model.load_state_dict(state)

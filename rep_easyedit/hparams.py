@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import REPConfig
+from .core.config import REPConfig
 
 REP_PREFIX = "REP-"
 SUPPORTED_BACKENDS = ("ROME", "MEMIT", "R-ROME", "EMMET")
@@ -25,6 +25,20 @@ SUPPORTED_BACKENDS = ("ROME", "MEMIT", "R-ROME", "EMMET")
 
 class HParamsError(ValueError):
     """A hparams file or dict that does not describe a valid REP edit."""
+
+
+def read_hparams_file(path: str | Path) -> tuple[Path, dict]:
+    """The one reader of hparams YAML files (REP's, the backends', `python -m rep_easyedit.stats`):
+    `.yaml` added when the name has none, OmegaConf's YAML (so `5e-1` is a float), a mapping."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_name(path.name + ".yaml")
+    if not path.exists():
+        raise FileNotFoundError(f"hparams file {path} does not exist")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(raw, dict):
+        raise HParamsError(f"{path}: expected a mapping of hparams, got {type(raw).__name__}")
+    return path, raw
 
 
 def _schema_type(tp):
@@ -93,14 +107,7 @@ class REPHyperParams:
     # -- construction --------------------------------------------------------------------
     @classmethod
     def from_hparams(cls, path: str | Path) -> "REPHyperParams":
-        path = Path(path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = path.with_suffix(".yaml")
-        if not path.exists():
-            raise FileNotFoundError(f"hparams file {path} does not exist")
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if not isinstance(raw, dict):
-            raise HParamsError(f"{path}: expected a mapping of hparams")
+        path, raw = read_hparams_file(path)
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -139,11 +146,13 @@ class REPHyperParams:
     def base_dict(self) -> dict:
         return {key: getattr(self, key) for key in self._base_fields}
 
-    def backend_hparams(self):
-        """The installed backend's hparams object (alg_name = the backend's own name)."""
-        from .backends import get_backend
+    def backend_hparams(self, backend=None):
+        """The installed backend's hparams object (alg_name = the backend's own name); pass the
+        `Backend` already resolved for this edit to avoid resolving it again."""
+        if backend is None:
+            from .backends import get_backend
 
-        backend = get_backend(self.backend_name)
+            backend = get_backend(self.backend_name)
         return backend.hparams_cls(alg_name=self.backend_name, **self.base_dict())
 
     def to_dict(self) -> dict:

@@ -16,17 +16,17 @@ import time
 import numpy as np
 import torch
 
-from .adapter import GatedLowRankAdapter
+from .core.adapter import GatedLowRankAdapter
 from .backends import get_backend, templates_keyed_by_model
 from .compat.easyedit import editor_uses_sequential_flag, shims_applied
-from .health import check_health, pathway_health
+from .core.health import check_health, pathway_health
 from .hparams import REPHyperParams
-from .keys import collect_keys, subject_last_index
-from .models import padding_side
-from .pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
-from .perturbations import Perturbations, build_perturbations, with_context, with_subject
-from .requests import validate_requests
-from .training import TrainingKeys, train_adapter
+from .core.keys import collect_keys, subject_last_index
+from .core.devices import padding_side
+from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
+from .core.perturbations import Perturbations, build_perturbations, with_context, with_subject
+from .core.requests import validate_requests
+from .core.training import TrainingKeys, train_adapter
 
 
 class LayoutError(ValueError):
@@ -224,7 +224,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                         "rep_easyedit.REPHyperParams.from_hparams(path))")
     backend = get_backend(hparams.backend_name)
     validate_requests(requests, backend.max_batch, hparams.alg_name)
-    base_hp = hparams.backend_hparams()
+    base_hp = hparams.backend_hparams(backend)
     paths = edited_module_paths(model, base_hp)
     if getattr(base_hp, "mom2_adjustment", False):
         from .covariance import require_stats

@@ -21,9 +21,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .keys import model_device, subject_last_index
-from .models import padding_side
-from .pathway import get_module
+from .core.devices import model_device, padding_side
+from .core.keys import subject_last_index
+from .core.pathway import get_module
 
 
 def _fill(template: str, text: str) -> str:

@@ -21,9 +21,9 @@ DEFAULTS = {"stats_dir": "./data/stats", "mom2_dataset": "wikipedia", "mom2_n_sa
 
 
 def read_hparams(path: str) -> SimpleNamespace:
-    from omegaconf import OmegaConf
+    from .hparams import read_hparams_file
 
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    _, cfg = read_hparams_file(path)
     values = {k: cfg.get(k, DEFAULTS.get(k)) for k in KEYS}
     missing = [k for k in ("model_name", "layers", "rewrite_module_tmp") if values[k] is None]
     if missing:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .corpus import load_corpus
     from .covariance import build_stats, has_stats, stats_paths
-    from .models import load_model_and_tokenizer
+    from .model_loading import load_model_and_tokenizer
 
     hp = read_hparams(args.hparams)
     if args.device is not None:

@@ -18,7 +18,7 @@ DEV_DATA = ROOT / "data" / "counterfact_smollm2_dev.json"
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rep_easyedit.models import load_model_and_tokenizer, bundled_model_dir
+    from rep_easyedit.model_loading import load_model_and_tokenizer, bundled_model_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
@@ -41,7 +41,7 @@ def tiny_model(tokenizer):
 @pytest.fixture(scope="session")
 def real_model():
     """The bundled SmolLM2-135M-Instruct (float32, CPU), shared by the session's real-model tests."""
-    from rep_easyedit.models import load_model_and_tokenizer
+    from rep_easyedit.model_loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m", device="cpu")
     return model, tok

@@ -54,8 +54,8 @@ def test_every_7b_model_has_its_yamls():
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_yaml_resolves_on_its_architecture(path):
     import rep_easyedit
-    from rep_easyedit.adapter import GatedLowRankAdapter
-    from rep_easyedit.pathway import get_module
+    from rep_easyedit.core.adapter import GatedLowRankAdapter
+    from rep_easyedit.core.pathway import get_module
     from rep_easyedit.rep_main import edited_module_paths
 
     model = meta_model(path.stem.removesuffix("-paper"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rep_easyedit.adapter import GatedLowRankAdapter
+from rep_easyedit.core.adapter import GatedLowRankAdapter
 
 
 def test_identity_at_start():

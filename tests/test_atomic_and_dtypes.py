@@ -11,9 +11,9 @@ import torch
 import rep_easyedit.rep_main as rep_main
 from conftest import tiny_hparams_dict
 from rep_easyedit import REPHyperParams, apply_rep_to_model
-from rep_easyedit.adapter import GatedLowRankAdapter
+from rep_easyedit.core.adapter import GatedLowRankAdapter
 from rep_easyedit.backends import get_backend
-from rep_easyedit.pathway import installed_paths, pathway_of
+from rep_easyedit.core.pathway import installed_paths, pathway_of
 
 ROOT = Path(__file__).resolve().parents[1]
 REQ = {"prompt": "Ferrari F355 is produced by", "subject": "Ferrari F355", "target_new": "BMW",
@@ -195,14 +195,14 @@ def _check_low_precision_model(model, tok, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_rep_side_runs_in_low_precision(tiny_model, tokenizer, tmp_path, dtype):
     """Key collection, training and the installed pathway on a half-precision model."""
-    from rep_easyedit.perturbations import build_perturbations
-    from rep_easyedit.pathway import install
+    from rep_easyedit.core.perturbations import build_perturbations
+    from rep_easyedit.core.pathway import install
 
     model = tiny_model.to(dtype)
     hp = cheap_hparams(tmp_path, rep_steps=20)
     req = dict(REQ)
     pert = build_perturbations(req, tokenizer, [], n_shuffles=4, n_long=0, long_tokens=16, base_seed=0)
-    from rep_easyedit.models import padding_side
+    from rep_easyedit.core.devices import padding_side
 
     with padding_side(tokenizer, "right"):
         fitted = rep_main.fit_adapters(model, tokenizer, req, pert, [["{}", "Some text. {}"]],

@@ -64,7 +64,7 @@ def _random_spd(dim, seed=1):
 
 def _down_proj_outputs(model, tok, request, templates):
     """Down-projection outputs at the subject's last token, read with a plain forward hook."""
-    from rep_easyedit.backends_extra.r_rome import normalise_request
+    from rep_easyedit.backends_extra.common import normalise_request
 
     req = normalise_request(request)
     outs = []
@@ -147,7 +147,7 @@ def test_register_missing_backends_only_where_missing():
 
 def test_r_rome_closed_form_identity_cov(model, tok):
     from rep_easyedit.backends_extra import apply_r_rome_to_model
-    from rep_easyedit.backends_extra.r_rome import average_key, normalise_request, optimise_value
+    from rep_easyedit.backends_extra.common import average_key, normalise_request, rome_value
 
     hp = r_rome_hp()
     req = normalise_request(REQUESTS[0])
@@ -155,11 +155,11 @@ def test_r_rome_closed_form_identity_cov(model, tok):
     w0 = w.detach().clone().double()
 
     # k*, v* with the module's own functions (the value optimisation is deterministic)
-    from rep_easyedit.backends_extra.r_rome import legacy_context
+    from rep_easyedit.backends_extra.common import legacy_context
 
     with legacy_context(tok):
         k_star = average_key(model, tok, req, hp, LAYER, TEMPLATES).double()
-        v_star, k_p, _ = optimise_value(model, tok, req, hp, LAYER, TEMPLATES)
+        v_star, k_p, _ = rome_value(model, tok, req, hp, LAYER, TEMPLATES)
     v_star = v_star.double()
     assert not torch.allclose(k_star, k_p.double())  # prefixes do move the key
 

@@ -11,7 +11,7 @@ import torch
 import rep_easyedit
 from conftest import tiny_hparams_dict
 from rep_easyedit import REPHyperParams
-from rep_easyedit.pathway import installed_paths, pathway_of
+from rep_easyedit.core.pathway import installed_paths, pathway_of
 
 REQ = {"prompt": "Ferrari F355 is produced by", "subject": "Ferrari F355", "target_new": "BMW",
        "ground_truth": "Ferrari", "subject_rephrase": ["The F355", "F355 by Ferrari", "Ferrari's F355"]}

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rep_easyedit
-from rep_easyedit.models import load_model_and_tokenizer
+from rep_easyedit.model_loading import load_model_and_tokenizer
 
 from conftest import ROOT, request_from_case
 

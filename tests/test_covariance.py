@@ -18,7 +18,7 @@ def _tmp_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok(tokenizer):
-    from rep_easyedit.models import prepare_tokenizer
+    from rep_easyedit.model_loading import prepare_tokenizer
 
     prepare_tokenizer(tokenizer)
     return tokenizer
@@ -54,7 +54,7 @@ TEXTS = [
 
 
 def _reference_moment(model, tok, hp, layer, texts):
-    from rep_easyedit.keys import collect_keys
+    from rep_easyedit.core.keys import collect_keys
 
     _, every = collect_keys(model, tok, texts, hp.rewrite_module_tmp.format(layer),
                             all_tokens=True, batch_size=2)
@@ -176,7 +176,7 @@ def test_load_corpus_missing_file(tmp_path, model, tok):
 
 def test_load_corpus_samples_and_caches(tmp_path, model, tok, monkeypatch):
     import rep_easyedit.corpus as corpus
-    from rep_easyedit.models import cache_dir
+    from rep_easyedit.model_loading import cache_dir
 
     rng = torch.get_rng_state()
     texts = corpus.load_corpus(None, model, tok, n_texts=3, n_tokens=5, seed=1, batch_size=2,

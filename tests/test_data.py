@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rep_easyedit.data import (ALL_METRICS, RECORD_FIELDS, DataFormatError, detect_format, load_records,
+from rep_easyedit.eval.datasets import (ALL_METRICS, RECORD_FIELDS, DataFormatError, detect_format, load_records,
                                normalise_records)
 
 ROOT = Path(__file__).resolve().parents[1]

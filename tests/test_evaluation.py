@@ -6,29 +6,18 @@ import contextlib
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from rep_easyedit.evaluation import (METRIC_KEYS, SUMMARY_KEYS, evaluate_case, exact_match,
+from rep_easyedit.eval.metrics import (METRIC_KEYS, SUMMARY_KEYS, evaluate_case, exact_match,
                                      key_similarities, locality, locality_reference, ngram_entropy,
                                      summarize, teacher_forced_predictions)
-from rep_easyedit.perturbations import build_perturbations
+from rep_easyedit.core.perturbations import build_perturbations
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = Path.home() / ".cache" / "rep_easyedit" / "models" / "SmolLM2-135M-Instruct"
-
-
-def _load_example(name: str):
-    path = ROOT / "examples" / f"{name}.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +157,8 @@ def test_summary_keys_and_percent():
 
 
 def test_key_similarity_identity_pathway(model, tok, record):
-    from rep_easyedit.adapter import GatedLowRankAdapter
-    from rep_easyedit.pathway import install, remove_pathways
+    from rep_easyedit.core.adapter import GatedLowRankAdapter
+    from rep_easyedit.core.pathway import install, remove_pathways
 
     pert = build_perturbations(record, tok, CORPUS, n_shuffles=4, n_long=2, long_tokens=20)
     path = "model.layers.1.mlp.down_proj"
@@ -233,7 +222,7 @@ SETTINGS = {"n_shuffles": 4, "n_long": 2, "long_tokens": 20, "base_seed": 0}
 
 
 def test_runner_resume_shard_and_summary(model, tok, tmp_path):
-    rb = _load_example("run_benchmark")
+    from rep_easyedit.eval import runner as rb
     log: list = []
     kw = dict(corpus=CORPUS, settings=SETTINGS, edit=_fake_edit_factory(log), progress=False,
               run_info={"alg": "FAKE"})
@@ -265,7 +254,7 @@ def test_runner_resume_shard_and_summary(model, tok, tmp_path):
 
 
 def test_runner_checks_rep_perturbations(model, tok, tmp_path):
-    rb = _load_example("run_benchmark")
+    from rep_easyedit.eval import runner as rb
 
     class RepHP(_HP):
         alg_name = "REP-FAKE"
@@ -282,7 +271,7 @@ def test_runner_checks_rep_perturbations(model, tok, tmp_path):
 
 
 def test_rewrite_argv_and_shard():
-    rb = _load_example("run_benchmark")
+    from rep_easyedit.eval import runner as rb
     assert rb.rewrite_argv(["x.py", "data=counterfact_smollm2_dev", "model=smollm2-135m"]) == \
         ["x.py", "data=counterfact_smollm2_dev", "model=smollm2-135m"]
     assert rb.rewrite_argv(["x.py", "data=/tmp/zsre.json"]) == ["x.py", "data=custom", "data.path=/tmp/zsre.json"]
@@ -292,8 +281,8 @@ def test_rewrite_argv_and_shard():
 
 
 def test_compare_runs(model, tok, tmp_path):
-    rb = _load_example("run_benchmark")
-    cr = _load_example("compare_runs")
+    from rep_easyedit.eval import runner as rb
+    from rep_easyedit.eval import compare as cr
     for alg, offset in (("ROME", None), ("REP-ROME", 0)):
 
         class HP(_HP):
@@ -315,7 +304,7 @@ def test_compare_runs(model, tok, tmp_path):
 
 def test_runner_refuses_to_resume_with_other_settings(tmp_path):
     """A resumed run must not mix cases made with other settings into one summary."""
-    rb = _load_example("run_benchmark")
+    from rep_easyedit.eval import runner as rb
     stored = {"alg": "REP-MEMIT", "model": "m", "data": "d", "config": {"model": {"dtype": None}},
               "hparams": {"layers": [2, 3], "device": "cuda", "rep": {"rank": 32}},
               "perturbation_settings": {"n_shuffles": 10}}
@@ -341,7 +330,7 @@ def test_runner_refuses_to_resume_with_other_settings(tmp_path):
 def test_runner_case_results_do_not_depend_on_the_process(model, tok, tmp_path):
     """Seeded before every edit, a case scores the same whichever shard, resume or rerun ran it
     (EasyEdit's ROME samples its context templates from torch's generator)."""
-    rb = _load_example("run_benchmark")
+    from rep_easyedit.eval import runner as rb
     kw = dict(corpus=CORPUS, settings=SETTINGS, progress=False, fluency_tokens=5)
     torch.manual_seed(123)
     whole = rb.run_cases(model, tok, _records(3), _HP(), tmp_path / "whole", edit=_fake_edit_factory([]), **kw)

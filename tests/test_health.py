@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rep_easyedit
-from rep_easyedit.health import IneffectivePathwayError, layer_health, pathway_health
-from rep_easyedit.pathway import installed_paths
-from rep_easyedit.training import TrainingReport
+from rep_easyedit.core.health import IneffectivePathwayError, layer_health, pathway_health
+from rep_easyedit.core.pathway import installed_paths
+from rep_easyedit.core.training import TrainingReport
 
 from conftest import ROOT, request_from_case, tiny_hparams_dict
 

@@ -14,7 +14,7 @@ import yaml
 import rep_easyedit
 from conftest import tiny_hparams_dict
 from rep_easyedit import EditRequestError, LayoutError, REPHyperParams, apply_rep_to_model
-from rep_easyedit.pathway import installed_paths
+from rep_easyedit.core.pathway import installed_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [1, 2]

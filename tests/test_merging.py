@@ -3,11 +3,11 @@
 import torch
 from torch import nn
 
-from rep_easyedit.config import REPConfig
-from rep_easyedit.merging import merge_adapters, union_of_keys
-from rep_easyedit.pathway import install, pathway_of
-from rep_easyedit.training import TrainingKeys, train_adapter
-from rep_easyedit.adapter import GatedLowRankAdapter
+from rep_easyedit.core.config import REPConfig
+from rep_easyedit.core.merging import merge_adapters, union_of_keys
+from rep_easyedit.core.pathway import install, pathway_of
+from rep_easyedit.core.training import TrainingKeys, train_adapter
+from rep_easyedit.core.adapter import GatedLowRankAdapter
 
 DIM = 48
 
@@ -72,7 +72,7 @@ def test_merged_adapter_replaces_the_stack_and_serves_every_edit():
 
 def test_merging_trains_with_the_whole_rep_config(monkeypatch):
     """Regression: merge_adapters dropped `rep.aggregation_abs`, so a merged adapter ignored it."""
-    import rep_easyedit.training as training
+    import rep_easyedit.core.training as training
 
     seen = []
     real = training.aggregation_loss

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from rep_easyedit.adapter import GatedLowRankAdapter
-from rep_easyedit.keys import collect_keys
-from rep_easyedit.pathway import (ATTR, get_module, install, installed_paths, pathway_installed,
+from rep_easyedit.core.adapter import GatedLowRankAdapter
+from rep_easyedit.core.keys import collect_keys
+from rep_easyedit.core.pathway import (ATTR, get_module, install, installed_paths, pathway_installed,
                                   prune_inactive, remove_pathways)
 
 PATH = "model.layers.1.mlp.down_proj"

@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from rep_easyedit import REPHyperParams, apply_rep_to_model
-from rep_easyedit.adapter import GatedLowRankAdapter
-from rep_easyedit.pathway import installed_paths, install, pathway_of, remove_pathways
-from rep_easyedit.persistence import (ADAPTERS_FILE, PATHWAY_FILE, PathwayLayoutError, load_pathway,
+from rep_easyedit.core.adapter import GatedLowRankAdapter
+from rep_easyedit.core.pathway import installed_paths, install, pathway_of, remove_pathways
+from rep_easyedit.core.persistence import (ADAPTERS_FILE, PATHWAY_FILE, PathwayLayoutError, load_pathway,
                                       save_edited_model, save_pathway)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +272,7 @@ import sys, torch
 torch.set_num_threads(int(sys.argv[3]))
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import rep_easyedit
-from rep_easyedit import persistence
+from rep_easyedit.core import persistence
 load_pathway = getattr(rep_easyedit, "load_pathway", persistence.load_pathway)
 directory, reference = sys.argv[1], torch.load(sys.argv[2])
 model = AutoModelForCausalLM.from_pretrained(directory).eval()

@@ -1,4 +1,4 @@
-from rep_easyedit.perturbations import build_perturbations, halves, token_shuffles, with_subject
+from rep_easyedit.core.perturbations import build_perturbations, halves, token_shuffles, with_subject
 
 import numpy as np
 

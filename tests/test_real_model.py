@@ -7,7 +7,7 @@ import torch
 
 import rep_easyedit
 from rep_easyedit.editing import edited, load_hparams
-from rep_easyedit.pathway import installed_paths
+from rep_easyedit.core.pathway import installed_paths
 
 from conftest import ROOT, request_from_case
 
@@ -53,8 +53,8 @@ def test_rep_rome_through_base_editor_succeeds_and_restores(dev_cases):
 
 
 def _robustness(model, tok, case, hparams, rep_cfg, corpus):
-    from rep_easyedit.evaluation import evaluate_case, locality_reference
-    from rep_easyedit.perturbations import build_perturbations
+    from rep_easyedit.eval.metrics import evaluate_case, locality_reference
+    from rep_easyedit.core.perturbations import build_perturbations
 
     request = request_from_case(case)
     pert = build_perturbations(request, tok, corpus, n_shuffles=rep_cfg.n_shuffles,

@@ -5,7 +5,7 @@ import torch
 
 import rep_easyedit
 from rep_easyedit import EditRequestError, LayoutError, REPHyperParams, apply_rep_to_model
-from rep_easyedit.pathway import installed_paths
+from rep_easyedit.core.pathway import installed_paths
 
 from conftest import tiny_hparams_dict
 

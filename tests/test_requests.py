@@ -1,6 +1,6 @@
 import pytest
 
-from rep_easyedit.requests import EditRequestError, validate_requests
+from rep_easyedit.core.requests import EditRequestError, validate_requests
 
 OK = {"prompt": "Ferrari F355 is produced by", "subject": "Ferrari F355", "target_new": "BMW"}
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from rep_easyedit import REPHyperParams, apply_rep_to_model
 from rep_easyedit.editing import apply_edit
-from rep_easyedit.pathway import installed_paths
-from rep_easyedit.requests import EditRequestError, validate_requests
+from rep_easyedit.core.pathway import installed_paths
+from rep_easyedit.core.requests import EditRequestError, validate_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 CYCLES = 100

@@ -12,13 +12,8 @@ only where the installed EasyEdit lacks the name. The hparams classes are export
 from __future__ import annotations
 
 from .emmet import EMMETHyperParams, apply_emmet_to_model, execute_emmet
-from .r_rome import (
-    R_ROMEHyperParams,
-    apply_r_rome_to_model,
-    clear_second_moment_cache,
-    execute_r_rome,
-    seed_second_moment,
-)
+from .common import clear_second_moment_cache, seed_second_moment
+from .r_rome import R_ROMEHyperParams, apply_r_rome_to_model, execute_r_rome
 
 BACKENDS = {
     "R-ROME": (apply_r_rome_to_model, R_ROMEHyperParams),

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import r_rome as _c
+from . import common as _c
 
 LOG = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def get_context_templates(model, tok) -> List[List[str]]:
     """MEMIT's grouped random-prefix templates ([["{}"], [five prefixes]]), from the installed MEMIT."""
     from ..compat.easyedit import shims_applied
 
-    memit_main = _c._ee_module("models.memit.memit_main")
+    memit_main = _c.easyedit_module("models.memit.memit_main")
     with shims_applied():
         return [list(g) if not isinstance(g, str) else [g]
                 for g in memit_main.get_context_templates(model, tok)]
@@ -156,7 +156,7 @@ class EMMETUpdate:
 def batch_keys(model, tok, requests: List[dict], hparams, layer: int, groups) -> torch.Tensor:
     """K_E as (in, B): MEMIT's compute_ks for subject_* fact tokens, ROME's repr_tools for 'last'."""
     if hparams.fact_token.startswith("subject_"):
-        compute_ks = _c._ee_module("models.memit.compute_ks")
+        compute_ks = _c.easyedit_module("models.memit.compute_ks")
         ks = compute_ks.compute_ks(model, tok, requests, hparams, layer, groups)
         return ks.float().T
     return torch.stack([_c.average_key(model, tok, r, hparams, layer, groups) for r in requests], 1)
@@ -194,7 +194,7 @@ def execute_emmet(model, tok, requests, hparams, context_templates=None) -> Dict
             # the value optimisation, once per request, at the last edited layer
             shifts = []
             for r in requests:
-                v_star, _k_p, out_p = _c.optimise_value(model, tok, r, hparams, z_layer, flat)
+                v_star, _k_p, out_p = _c.rome_value(model, tok, r, hparams, z_layer, flat)
                 shifts.append(v_star - out_p)
             shifts = torch.stack(shifts, 1)                       # D: (out, B)
             z = _layer_outputs(model, tok, requests, hparams, z_layer) + shifts if len(layers) > 1 else None

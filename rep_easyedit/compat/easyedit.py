@@ -132,7 +132,7 @@ _ENTRY_POINTS = ("edit", "batch_edit", "edit_dataset", "edit_requests")
 
 
 def _loads_itself(model_name) -> bool:
-    from ..models import is_bundled
+    from ..model_loading import is_bundled
 
     return isinstance(model_name, str) and (is_bundled(model_name) or os.path.isdir(os.path.expanduser(model_name)))
 
@@ -161,7 +161,7 @@ def patch_editor() -> None:
         with shims_applied():
             name = getattr(hparams, "model_name", None)
             if _loads_itself(name):
-                from ..models import load_model_and_tokenizer
+                from ..model_loading import load_model_and_tokenizer
 
                 model, tok = load_model_and_tokenizer(
                     name, device=getattr(hparams, "device", "cpu"))

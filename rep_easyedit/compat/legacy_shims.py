@@ -183,9 +183,9 @@ _RESOLVER = "_rep_easyedit_device"
 
 def resolve_device(value) -> str:
     """What EasyEdit's `device` field means: int N -> cuda:N (as before), strings as given."""
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        return f"cuda:{int(value)}"
-    return str(value)
+    from ..core.devices import torch_device
+
+    return str(torch_device(value))
 
 
 def _patched_function(func: types.FunctionType,

@@ -98,7 +98,7 @@ def main() -> None:
         cells = ["–" if scores[k] is None else f"{100 * scores[k]:.0f}" for k, _ in COLUMNS]
         print(f"| {name} | " + " | ".join(cells) + f" | {scores['edit_seconds']:.1f} |")
     print("\nRates in percent (greedy exact match) on this one fact; 'in' variants trained REP's adapter, "
-          "'out' were never seen.\nTwenty facts, with the cost of each stage: README.md, \"Results\".")
+          "'out' were never seen.\nOne hundred facts per method, with the cost of each stage: docs/results.md.")
 
 
 if __name__ == "__main__":

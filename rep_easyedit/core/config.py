@@ -14,7 +14,7 @@ class REPConfig:
     rank: int = 32                 # bottleneck r of D -> r -> D
     gate_ratio: float = 0.1        # gate hidden size = ceil(gate_ratio * D)
     tau: float = 0.9               # hard-gate threshold at inference
-    # training (the default recipe: chosen on both bundled models, README "The default recipe")
+    # training (the default recipe: chosen on both bundled models, docs/results.md "The default recipe")
     steps: int = 200               # cap on Adam steps; with adaptive_stop training usually ends earlier
     lr: float = 3e-3
     alpha: float = 1.0             # weight of the consistency loss

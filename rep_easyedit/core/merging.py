@@ -4,7 +4,7 @@ Sequential editing leaves one adapter per edit on a layer; each forward runs the
 adapter is trained on the union of their training keys, each positive pulled onto its own edit's
 key, the consistency loss holding every edit key in place and the gate trained on every edit's
 negatives. Whether that keeps quality as edits accumulate is measured by
-`benchmarks/sequential_edits.py --merge` (README, "Sequential edits").
+`benchmarks/sequential_edits.py --merge` (docs/results.md, "Sequential edits").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Keys are collected once, without gradients (`keys.collect_keys`); every step then runs only the
 adapter on those cached keys, which is why REP adds little to an edit's cost.
 
-Losses (see README "Method"):
+Losses (see docs/design.md "The method, step by step"):
 - aggregation, ``match`` (default): ‖k_s + Δ(k_s) − k*‖² / ‖k*‖², pulls each trained variant's
   key onto the edit key, bounded (no overshoot); ``cosine``: the paper's −⟨k̂_s/‖k̂_s‖, C⁻¹k*/‖C⁻¹k*‖⟩
   (signed; ``abs`` optional), in the whitened geometry when an inverse covariance is given.

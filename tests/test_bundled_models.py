@@ -60,8 +60,12 @@ def test_rep_rome_edits_gemma3_through_base_editor():
 
     from easyeditor import BaseEditor
 
+    from rep_easyedit.stats import main as build_stats
+
     case = json.loads((ROOT / "data/counterfact_gemma3_dev.json").read_text())[0]
-    hp = rep_easyedit.REPHyperParams.from_hparams(ROOT / "hparams/REP-ROME/gemma3-270m.yaml")
+    yaml = ROOT / "hparams/REP-ROME/gemma3-270m.yaml"
+    assert build_stats(["--hparams", str(yaml)]) == 0   # mom2_adjustment: true, as a user builds them
+    hp = rep_easyedit.REPHyperParams.from_hparams(yaml)
     editor = BaseEditor.from_hparams(hp)
     model, tok = editor.model, editor.tok
     assert model.config.model_type == "gemma3_text"

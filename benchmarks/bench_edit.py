@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rep_easyedit.eval.runner import edit_request
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "counterfact_smollm2_dev.json"
 MODES = ("ROME", "REP-ROME", "MEMIT", "REP-MEMIT")
@@ -75,12 +77,6 @@ def _default_threads() -> int:
 
 def hparams_path(args, mode: str) -> Path:
     return Path(args.hparams_root) / mode / f"{args.hparams_name}.yaml"
-
-
-def request_of(case: dict) -> dict:
-    return {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
-            "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
-            "case_id": case["case_id"]}
 
 
 def current_rss_kb() -> int:
@@ -200,7 +196,7 @@ def worker_mode(args, mode: str) -> dict:
     measured, warm = select_cases(args)
 
     def one_edit(case):
-        request = request_of(case)
+        request = edit_request(case)
         timers.reset()
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -303,7 +299,7 @@ def worker_reference(args) -> dict:
         p.requires_grad_(False)
 
     def one_loop(case):
-        request = request_of(case)
+        request = edit_request(case)
         pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=0,
                                    base_seed=rep.seed)
         texts, positions, n_variants = reference_batch(request, pert, rep, tok)

@@ -53,9 +53,10 @@ def dev_cases():
 
 
 def request_from_case(case: dict) -> dict:
-    return {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
-            "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
-            "case_id": case["case_id"]}
+    """The request the benchmark runner builds from a dev record."""
+    from rep_easyedit.eval.runner import edit_request
+
+    return edit_request(case)
 
 
 def tiny_hparams_dict(alg: str, tmp_path, **changes) -> dict:

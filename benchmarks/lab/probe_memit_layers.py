@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from rep_easyedit.eval.runner import edit_request
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "counterfact_smollm2_dev.json"
 MEMIT_YAML = ROOT / "hparams" / "MEMIT" / "smollm2-135m.yaml"
@@ -45,12 +47,6 @@ REP_YAML = ROOT / "hparams" / "REP-MEMIT" / "smollm2-135m.yaml"
 OUT = ROOT / "benchmarks" / ".cache" / "probe_memit_layers.jsonl"
 LAYER_SETS = ([1, 2, 3], [2, 3, 4], [3, 4, 5])
 METRICS = ("success", "paraphrase", "locality", "rephrase", "shuffle")
-
-
-def request_of(case: dict) -> dict:
-    return {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
-            "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
-            "case_id": case["case_id"]}
 
 
 def _mean(xs):
@@ -96,7 +92,7 @@ def stage_layers(model, tok, cases):
     base = load_hparams(MEMIT_YAML)
     rows = {}
     for case in cases:
-        req = request_of(case)
+        req = edit_request(case)
         pert = _perturbations(req, tok)
         from rep_easyedit.eval.metrics import locality_reference
 
@@ -197,7 +193,7 @@ def stage_drift(model, tok, cases):
     flat = [t for g in grouped for t in g]
     table = {layer: {"k_star": [], "variants": []} for layer in hp.layers}
     for case in cases:
-        req = request_of(case)
+        req = edit_request(case)
         pert = _perturbations(req, tok)
         before, before_v = {}, {}
         with templates_keyed_by_model(model, backend):
@@ -240,7 +236,7 @@ def stage_rep(model, tok, cases, aggregations):
     rows = {}
     landing = {}
     for case in cases:
-        req = request_of(case)
+        req = edit_request(case)
         pert = _perturbations(req, tok)
         ref = locality_reference(model, tok, dict(case))
         settings = [("MEMIT", None)] + [(f"REP-MEMIT {a}", a) for a in aggregations]

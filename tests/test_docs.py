@@ -65,3 +65,15 @@ def test_section_references_in_code_and_yaml_exist():
             if section not in headings(target) and not any(h.startswith(section) for h in headings(target)):
                 bad.append(f"{f.relative_to(ROOT)}: {doc} \"{section}\"")
     assert not bad, "section references to headings that do not exist: " + "; ".join(bad)
+
+
+def test_files_named_in_code_yaml_and_docs_exist():
+    """A script, module or YAML of this tree named in a comment, docstring or doc (moved files leave
+    stale names behind, as the probes did when they went to benchmarks/lab/)."""
+    pattern = re.compile(r"(?<![\w/.])((?:%s)[\w/.\-]*\.(?:py|sh|yaml|md|json))\b" % "|".join(map(re.escape, TREE_DIRS)))
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".yaml", ".md", ".sh") and p.is_file()
+             and not {".venv", "results", ".git"} & set(p.parts)]
+    missing = sorted({f"{f.relative_to(ROOT)}: {m}" for f in files
+                      for m in pattern.findall(f.read_text(encoding="utf-8"))
+                      if not (ROOT / m).exists() and not (f.parent / m).exists()})
+    assert not missing, f"names of files that do not exist: {missing}"

@@ -26,7 +26,7 @@ def load_hparams(path: str | Path):
     path, raw = read_hparams_file(path)
     alg = raw.get("alg_name")
     if isinstance(alg, str) and alg.startswith(REP_PREFIX):
-        return REPHyperParams.from_hparams(path)
+        return REPHyperParams.from_dict(raw, source=str(path))
     if alg is None or installed_algorithm(alg) is None:
         raise ValueError(f"{path}: unknown alg_name {alg!r}")
     hparams = get_backend(alg).hparams_cls.from_hparams(str(path))

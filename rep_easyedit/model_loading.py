@@ -21,6 +21,7 @@ import torch
 
 from .core.devices import torch_device
 
+
 def cache_dir() -> Path:
     """Where converted models, sampled corpora and covariance statistics live."""
     root = os.environ.get("REP_EASYEDIT_CACHE")
@@ -163,4 +164,3 @@ def prepare_tokenizer(tok) -> None:
     tok.padding_side = "right"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-

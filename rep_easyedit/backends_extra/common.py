@@ -31,7 +31,8 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _coerce_numbers(cls, config: dict) -> dict:
-    """PyYAML reads `5e-1` as a string: turn numeric strings into the field's declared type."""
+    """Quoted numbers (`"5e-1"`, `"1e5"`) and ints given for float fields become the field's
+    declared type (the YAML reader already reads an unquoted `5e-1` as a float)."""
     hints = typing.get_type_hints(cls)
     out = dict(config)
     for key, value in config.items():

@@ -76,9 +76,8 @@ def device_counts(cases: list[dict]) -> str:
 
 
 def comparison_table(runs: list[dict]) -> str:
+    from .metrics import summarize
     from .runner import pair_cases
-
-    from rep_easyedit.eval.metrics import summarize
 
     header = "| method | n | " + " | ".join(HEADERS.get(k, k) for k in COLUMNS) + " |"
     sep = "|---|---:|" + "---:|" * len(COLUMNS)
@@ -117,7 +116,7 @@ def plot_robustness(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from rep_easyedit.eval.metrics import summarize
+    from .metrics import summarize
 
     width = 0.8 / max(1, len(runs))
     x = np.arange(len(BAR_KEYS))

@@ -41,11 +41,17 @@ import torch
 from rep_easyedit.eval.runner import edit_request
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "data" / "counterfact_smollm2_dev.json"
-MEMIT_YAML = ROOT / "hparams" / "MEMIT" / "smollm2-135m.yaml"
-REP_YAML = ROOT / "hparams" / "REP-MEMIT" / "smollm2-135m.yaml"
 OUT = ROOT / "benchmarks" / ".cache" / "probe_memit_layers.jsonl"
-LAYER_SETS = ([1, 2, 3], [2, 3, 4], [3, 4, 5])
+# per model: its dev data and the layer sets the `layers` stage compares (--layer-sets overrides)
+MODELS = {
+    "smollm2-135m": ("counterfact_smollm2_dev.json", ([1, 2, 3], [2, 3, 4], [3, 4, 5])),
+    "gemma3-270m": ("counterfact_gemma3_dev.json", ([1, 2, 3], [0, 1, 2], [2, 3, 4], [3, 4, 5])),
+}
+MODEL = "smollm2-135m"
+DATA = ROOT / "data" / MODELS[MODEL][0]
+MEMIT_YAML = ROOT / "hparams" / "MEMIT" / f"{MODEL}.yaml"
+REP_YAML = ROOT / "hparams" / "REP-MEMIT" / f"{MODEL}.yaml"
+LAYER_SETS = MODELS[MODEL][1]
 METRICS = ("success", "paraphrase", "locality", "rephrase", "shuffle")
 
 
@@ -111,7 +117,7 @@ def stage_layers(model, tok, cases):
             res.update(seconds=seconds, case_id=case["case_id"])
             label = f"MEMIT layers {layers}"
             rows.setdefault(label, []).append(res)
-            _record({"stage": "layers", "setting": label, **res})
+            _record({"stage": "layers", "model": MODEL, "setting": label, **res})
             print(f"case {case['case_id']} {label}: {res}", flush=True)
     _print_table("MEMIT layer sets (plain MEMIT)", rows)
 
@@ -341,11 +347,21 @@ def main(argv=None):
     parser.add_argument("--stage", choices=("layers", "drift", "rep"), required=True)
     parser.add_argument("--cases", default="40:43")
     parser.add_argument("--aggregations", nargs="+", default=["match", "cosine"])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
+    parser.add_argument("--layer-sets", nargs="+", default=None,
+                        help='layer sets for --stage layers, e.g. "1,2,3" "2,3,4"')
     args = parser.parse_args(argv)
+    global MODEL, DATA, MEMIT_YAML, REP_YAML, LAYER_SETS
+    MODEL = args.model
+    DATA = ROOT / "data" / MODELS[MODEL][0]
+    MEMIT_YAML = ROOT / "hparams" / "MEMIT" / f"{MODEL}.yaml"
+    REP_YAML = ROOT / "hparams" / "REP-MEMIT" / f"{MODEL}.yaml"
+    LAYER_SETS = ([[int(x) for x in s.split(",")] for s in args.layer_sets] if args.layer_sets
+                  else MODELS[MODEL][1])
     torch.set_num_threads(1)
     from rep_easyedit.model_loading import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer("smollm2-135m", device="cpu")
+    model, tok = load_model_and_tokenizer(MODEL, device="cpu")
     tok_holder.append(tok)
     a, b = (int(x) for x in args.cases.split(":"))
     cases = json.loads(DATA.read_text())[a:b]

@@ -16,7 +16,7 @@ import types
 from typing import Callable, Iterator
 
 from .legacy_shims import (DeviceLiteralShims, import_with_optional_stubs, layer_output_tuple_rewrite,
-                           rank_one_dtype_rewrite)
+                           memit_post_norm_rewrite, rank_one_dtype_rewrite)
 
 _SHIM_PREFIXES = ("easyeditor.editors", "easyeditor.evaluate", "easyeditor.models.rome",
                   "easyeditor.models.memit", "easyeditor.util")
@@ -28,7 +28,8 @@ def easyeditor():
     if "module" not in _state:
         _state["module"] = import_with_optional_stubs("easyeditor")
         rewrites = [layer_output_tuple_rewrite(),  # None where decoder layers return tuples
-                    rank_one_dtype_rewrite()]
+                    rank_one_dtype_rewrite(),
+                    memit_post_norm_rewrite()]
         _state["shims"] = DeviceLiteralShims(_SHIM_PREFIXES,
                                              extra_rewrites=tuple(r for r in rewrites if r))
         _shim_alg_dict_entries(_state["shims"])
@@ -44,10 +45,13 @@ def _shim_alg_dict_entries(shims: DeviceLiteralShims) -> list[str]:
     Returns the names wrapped.
     """
     patched = {id(orig): p for _o, _a, orig, p in shims.replacements}
+    patched_modules = {orig.__module__ for _o, _a, orig, _p in shims.replacements}
     wrapped = []
     for d in alg_dicts():
         for name, fn in list(d.items()):
-            if id(fn) not in patched:
+            # an apply function that is itself unchanged still calls shimmed helpers of its module
+            # (upstream's `apply_memit_to_model` -> the rewritten `execute_memit`)
+            if id(fn) not in patched and getattr(fn, "__module__", None) not in patched_modules:
                 continue
 
             def make(fn, shimmed):
@@ -58,7 +62,7 @@ def _shim_alg_dict_entries(shims: DeviceLiteralShims) -> list[str]:
                 apply_with_shims.__rep_easyedit_original__ = fn
                 return apply_with_shims
 
-            d[name] = make(fn, patched[id(fn)])
+            d[name] = make(fn, patched.get(id(fn), fn))
             wrapped.append(name)
     return wrapped
 

@@ -368,3 +368,22 @@ def rank_one_dtype_rewrite() -> SourceRewrite:
     return SourceRewrite("rank_one_dtype", ("easyeditor.models.rome.rome_main",), pattern=_RANK_ONE,
                          replacements=((_RANK_ONE, r"\1.unsqueeze(1) @ \2.to(\1.dtype).unsqueeze(0)"),),
                          helpers={})
+
+
+# MEMIT's per-layer share `resid = targets / (len(hparams.layers) - i)` is a residual-stream change
+# written as a change of the MLP output; on models that normalise the MLP output before the residual
+# add (Gemma-2/3) it is first mapped through that norm (`rep_easyedit.post_mlp_norm`; unchanged on
+# every other model). Not a legacy fix: upstream's MEMIT has the same line and gets the same mapping.
+_MEMIT_SHARE = r"\bresid = (targets / \(len\(hparams\.layers\) - i\))"
+_MLP_RESIDUAL = "_rep_easyedit_mlp_residual"
+
+
+def memit_post_norm_rewrite() -> SourceRewrite:
+    from ..post_mlp_norm import mlp_residual
+
+    return SourceRewrite(
+        "memit_post_mlp_norm", ("easyeditor.models.memit.memit_main",), pattern=_MEMIT_SHARE,
+        replacements=((_MEMIT_SHARE,
+                       rf"resid = {_MLP_RESIDUAL}(model, hparams, layer, layer_ks, "
+                       r'weights[f"{hparams.rewrite_module_tmp.format(layer)}.weight"], \1)'),),
+        helpers={_MLP_RESIDUAL: mlp_residual})

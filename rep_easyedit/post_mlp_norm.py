@@ -10,9 +10,10 @@ the norm, the layer's whole contribution: MEMIT's z error grew 137 -> 524 -> 184
 1, 2, 3 and every dev edit failed.
 
 Here each share is mapped to the change of the MLP output that moves the norm's output by `r`, as
-nearly as an RMSNorm allows (its output always has unit RMS in units of `g`):
+nearly as an RMSNorm allows (its output always has unit RMS in units of `g`, so of `r` only the
+part tangent to that surface is reachable):
 
-    u = v / rms(v)     u_t = u + r / g     v' = rms(v) * u_t / rms(u_t)     delta_v = v' - v
+    u = v / rms(v)    t = the t orthogonal to u with g * t nearest r    v' = rms(v) (u + t) / rms(u + t)
 
 For a model without such a norm the share is returned unchanged, so MEMIT's arithmetic is
 untouched on every other architecture.
@@ -63,33 +64,44 @@ def rms_norm_gain(norm: torch.nn.Module, dim: int) -> torch.Tensor:
 def mlp_output_shift(values: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """The change of the MLP outputs `values` (hidden, n) that moves `g * v / rms(v)` by `residual`.
 
-    Float64. Dimensions whose gain is (near) zero cannot be moved by the MLP: they get no share.
+    An RMS norm's output stays on the surface `rms(out / g) = 1`, so only moves tangent to it are
+    reachable: the tangent move `g * t` (`t` orthogonal to `u = v / rms(v)`) nearest to `residual`
+    is taken, and `u + t` is put back on the surface (a second-order correction). Float64.
+    Dimensions whose gain is (near) zero cannot be moved by the MLP: they get no share.
     """
     v = values.double()
     r = residual.double().to(v.device)
     g = gain.to(v.device)[:, None]
     usable = g.abs() > 1e-6 * float(g.abs().max())
-    rms_v = v.pow(2).mean(0, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    g_safe = torch.where(usable, g, torch.ones_like(g))
+    inv_g = torch.where(usable, 1.0 / g_safe, torch.zeros_like(g))
+    tiny = torch.finfo(torch.float64).tiny
+    rms_v = v.pow(2).mean(0, keepdim=True).sqrt().clamp_min(tiny)
     u = v / rms_v
-    u_t = u + torch.where(usable, r / torch.where(usable, g, torch.ones_like(g)), torch.zeros_like(r))
-    rms_t = u_t.pow(2).mean(0, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    # nearest tangent move: t = r/g + lam * u/g^2 with u.t = 0 (least squares in the output)
+    lam = -(u * r * inv_g).sum(0, keepdim=True) / (u * u * inv_g ** 2).sum(0, keepdim=True).clamp_min(tiny)
+    u_t = u + r * inv_g + lam * u * inv_g ** 2
+    rms_t = u_t.pow(2).mean(0, keepdim=True).sqrt().clamp_min(tiny)
     return rms_v * u_t / rms_t - v
 
 
-def mlp_residual(model, hparams, layer: int, keys: torch.Tensor, weight: torch.Tensor,
-                 residual: torch.Tensor) -> torch.Tensor:
+def mlp_residual(model, hparams, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """MEMIT's share `residual` (hidden, n) for `layer`, as a change of its MLP output.
 
-    `keys` (in, n) are the edited weight's inputs, `weight` the edited weight, stored (out, in) or
-    (in, out); returned in `residual`'s dtype and device. Unchanged where the layer has no post-MLP
-    norm.
+    `keys` (in, n) are the inputs of the edited module (`hparams.rewrite_module_tmp`, whose output
+    is the MLP output, read with its current weights); returned in `residual`'s dtype and device.
+    Unchanged where the layer has no post-MLP norm.
     """
     norm = post_mlp_norm(model, hparams.layer_module_tmp, layer)
     if norm is None:
         return residual
-    w = weight.detach().to(device=keys.device, dtype=torch.float64)
-    if w.shape[1] != keys.shape[0]:
+    module = model.get_submodule(hparams.rewrite_module_tmp.format(layer))
+    w = module.weight.detach().to(device=keys.device, dtype=torch.float64)
+    if w.shape[1] != keys.shape[0]:  # stored (in, out), as GPT-2's Conv1D
         w = w.T
     values = w @ keys.double()
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        values = values + bias.detach().to(device=keys.device, dtype=torch.float64)[:, None]
     shift = mlp_output_shift(values, residual, rms_norm_gain(norm, values.shape[0]))
     return shift.to(device=residual.device, dtype=residual.dtype)

@@ -34,7 +34,8 @@ tensor). For one layer (upstream's EMMET setting, e.g. `layers: [5]`) the residu
 shift, `R = D` (so `V_E = W K_E + b + D`, MEMIT's convention: every context's output moves by
 `d`, hence so does their mean `W k*`). For several layers the residual is spread MEMIT-style:
 `z = h_L + d` at the last layer's output, and layer i (in order, earlier edits in place) gets
-`R_i = (z − h_L^current) / (L − i)`.
+`R_i = (z − h_L^current) / (L − i)`, mapped through the layer's post-MLP norm where it has one
+(Gemma-2/3; `rep_easyedit.post_mlp_norm`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..post_mlp_norm import mlp_residual
 from . import common as _c
 
 LOG = logging.getLogger(__name__)
@@ -209,7 +211,8 @@ def execute_emmet(model, tok, requests, hparams, context_templates=None) -> Dict
                     residual = shifts.to(device=dev, dtype=dt)
                 else:
                     cur = _layer_outputs(model, tok, requests, hparams, z_layer)
-                    residual = ((z - cur) / (len(layers) - i)).to(device=dev, dtype=dt)
+                    share = ((z - cur) / (len(layers) - i)).to(device=dev, dtype=dt)
+                    residual = mlp_residual(model, hparams, layer, keys, share)
                 values = w.output(keys) + residual
                 c0 = preservation_matrix(model, tok, hparams, layer, keys.shape[0], dev, dt)
                 delta = emmet_update(residual, keys, c0, lam)

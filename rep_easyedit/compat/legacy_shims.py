@@ -384,6 +384,5 @@ def memit_post_norm_rewrite() -> SourceRewrite:
     return SourceRewrite(
         "memit_post_mlp_norm", ("easyeditor.models.memit.memit_main",), pattern=_MEMIT_SHARE,
         replacements=((_MEMIT_SHARE,
-                       rf"resid = {_MLP_RESIDUAL}(model, hparams, layer, layer_ks, "
-                       r'weights[f"{hparams.rewrite_module_tmp.format(layer)}.weight"], \1)'),),
+                       rf"resid = {_MLP_RESIDUAL}(model, hparams, layer, layer_ks, \1)"),),
         helpers={_MLP_RESIDUAL: mlp_residual})

@@ -128,13 +128,15 @@ def test_context_templates_are_generated_once_per_model(tiny_model, tokenizer, t
     """EasyEdit's template cache is a module global; REP keeps it per model, nested calls included."""
     import importlib
 
-    from rep_easyedit.compat.easyedit import installed_algorithm
+    from rep_easyedit.compat.easyedit import device_shims, installed_algorithm
     from rep_easyedit.editing import apply_edit, restore
 
     fn = installed_algorithm("ROME")
     rome_main = importlib.import_module(getattr(fn, "__rep_easyedit_original__", fn).__module__)
     calls = []
-    real = rome_main.generate_fast
+    # the spy calls the shimmed generator (the shims leave a replaced attribute alone)
+    real = next((p for _o, _a, orig, p in device_shims().replacements if orig is rome_main.generate_fast),
+                rome_main.generate_fast)
     monkeypatch.setattr(rome_main, "generate_fast", lambda *a, **k: calls.append(1) or real(*a, **k))
     hp = tiny_hparams(tmp_path)
     counts = []

@@ -15,8 +15,8 @@ import sys
 import types
 from typing import Callable, Iterator
 
-from .legacy_shims import (DeviceLiteralShims, import_with_optional_stubs, layer_output_tuple_rewrite,
-                           memit_post_norm_rewrite, rank_one_dtype_rewrite)
+from .legacy_shims import (DeviceLiteralShims, cache_kwarg_rewrite, import_with_optional_stubs,
+                           layer_output_tuple_rewrite, memit_post_norm_rewrite, rank_one_dtype_rewrite)
 
 _SHIM_PREFIXES = ("easyeditor.editors", "easyeditor.evaluate", "easyeditor.models.rome",
                   "easyeditor.models.memit", "easyeditor.util")
@@ -29,7 +29,8 @@ def easyeditor():
         _state["module"] = import_with_optional_stubs("easyeditor")
         rewrites = [layer_output_tuple_rewrite(),  # None where decoder layers return tuples
                     rank_one_dtype_rewrite(),
-                    memit_post_norm_rewrite()]
+                    memit_post_norm_rewrite(),
+                    cache_kwarg_rewrite()]
         _state["shims"] = DeviceLiteralShims(_SHIM_PREFIXES,
                                              extra_rewrites=tuple(r for r in rewrites if r))
         _shim_alg_dict_entries(_state["shims"])

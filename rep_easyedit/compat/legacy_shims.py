@@ -259,9 +259,10 @@ class DeviceLiteralShims:
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         with self._lock:
-            if self._depth == 0:
-                for owner, attr, _orig, patched in self.replacements:
-                    setattr(owner, attr, patched)
+            if self._depth == 0:  # an attribute someone else replaced (a test's spy) is left alone
+                for owner, attr, orig, patched in self.replacements:
+                    if getattr(owner, attr, None) is orig:
+                        setattr(owner, attr, patched)
             self._depth += 1
         try:
             yield
@@ -269,8 +270,9 @@ class DeviceLiteralShims:
             with self._lock:
                 self._depth -= 1
                 if self._depth == 0:
-                    for owner, attr, orig, _patched in self.replacements:
-                        setattr(owner, attr, orig)
+                    for owner, attr, orig, patched in self.replacements:
+                        if getattr(owner, attr, None) is patched:
+                            setattr(owner, attr, orig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,3 +388,33 @@ def memit_post_norm_rewrite() -> SourceRewrite:
         replacements=((_MEMIT_SHARE,
                        rf"resid = {_MLP_RESIDUAL}(model, hparams, layer, layer_ks, \1)"),),
         helpers={_MLP_RESIDUAL: mlp_residual})
+
+
+# Legacy `generate_fast` (ROME's context templates) passes `past_key_values=` and reads
+# `model_out.past_key_values`; transformers renamed both to `cache` (5.25 warns that the old name goes
+# in 5.40). The call and the read use whichever name the model's forward takes.
+_CACHE_KWARG = r"\bpast_key_values=past_key_values,"
+_CACHE_READ = r"\bmodel_out\.past_key_values\b"
+_CACHE_KW_HELPER = "_rep_easyedit_cache_kwargs"
+_CACHE_OUT_HELPER = "_rep_easyedit_cache_of"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{"cache": cache}` where the model's forward takes `cache` (transformers >= 5.25), else the old name."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def cache_of(output):
+    """The key/value cache of a model output, under its new name (`cache`) or its old one."""
+    return output.cache if "cache" in output else getattr(output, "past_key_values", None)
+
+
+def cache_kwarg_rewrite() -> SourceRewrite:
+    return SourceRewrite(
+        "cache_kwarg", ("easyeditor.util.generate",), pattern=_CACHE_KWARG,
+        replacements=((_CACHE_KWARG, rf"**{_CACHE_KW_HELPER}(model, past_key_values),"),
+                      (_CACHE_READ, f"{_CACHE_OUT_HELPER}(model_out)")),
+        helpers={_CACHE_KW_HELPER: cache_kwargs, _CACHE_OUT_HELPER: cache_of})

@@ -277,3 +277,29 @@ def test_rep_memit_cosine_target_whitening(model, tokenizer, tmp_path, monkeypat
 def test_whiten_target_needs_cosine(tmp_path):
     with pytest.raises(ValueError, match="whiten_target"):
         rep_memit_hparams(tmp_path, rep_aggregation="match", rep_whiten_target=True)
+
+
+@pytest.mark.parametrize("alg", ["REP-ROME", "REP-MEMIT"])
+def test_editing_path_raises_no_deprecation_warning(model, tokenizer, tmp_path, alg):
+    """The whole edit (templates generated afresh by EasyEdit's own sampler, keys, training, the
+    backend) under the installed transformers: a FutureWarning or DeprecationWarning is an error.
+    Regression: legacy `generate_fast` passed `past_key_values=`, renamed `cache` in transformers 5.25."""
+    import warnings
+
+    from rep_easyedit.backends import _TEMPLATE_CACHES
+
+    _TEMPLATE_CACHES.pop(model, None)  # force the template sampler to run
+    hp = REPHyperParams.from_dict(_raw(alg, tmp_path)) if alg == "REP-MEMIT" else REPHyperParams.from_dict(
+        tiny_hparams_dict(alg, tmp_path, model_name="tiny", lm_head_module="lm_head"))
+    state = _state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        edited, weights_copy = apply_rep_to_model(model, tokenizer, [dict(REQ)], hp, return_orig_weights=True,
+                                                  keep_original_weight=True)
+    params = dict(edited.named_parameters())
+    with torch.no_grad():
+        for k, v in weights_copy.items():
+            params[k][...] = v
+    rep_easyedit.prune_inactive(edited)
+    assert _unchanged(edited, state)

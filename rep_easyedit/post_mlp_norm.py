@@ -10,10 +10,10 @@ the norm, the layer's whole contribution: MEMIT's z error grew 137 -> 524 -> 184
 1, 2, 3 and every dev edit failed.
 
 Here each share is mapped to the change of the MLP output that moves the norm's output by `r`, as
-nearly as an RMSNorm allows (its output always has unit RMS in units of `g`, so of `r` only the
-part tangent to that surface is reachable):
+nearly as an RMSNorm allows (its outputs lie on the ellipsoid `{g * u : rms(u) = 1}`; the target is
+replaced by the nearest point on it):
 
-    u = v / rms(v)    t = the t orthogonal to u with g * t nearest r    v' = rms(v) (u + t) / rms(u + t)
+    u = v / rms(v)    u' = argmin over rms(u') = 1 of |g * u' - (g * u + r)|    v' = rms(v) * u'
 
 For a model without such a norm the share is returned unchanged, so MEMIT's arithmetic is
 untouched on every other architecture.
@@ -64,25 +64,34 @@ def rms_norm_gain(norm: torch.nn.Module, dim: int) -> torch.Tensor:
 def mlp_output_shift(values: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """The change of the MLP outputs `values` (hidden, n) that moves `g * v / rms(v)` by `residual`.
 
-    An RMS norm's output stays on the surface `rms(out / g) = 1`, so only moves tangent to it are
-    reachable: the tangent move `g * t` (`t` orthogonal to `u = v / rms(v)`) nearest to `residual`
-    is taken, and `u + t` is put back on the surface (a second-order correction). Float64.
-    Dimensions whose gain is (near) zero cannot be moved by the MLP: they get no share.
+    An RMS norm's outputs are the ellipsoid `{g * u : rms(u) = 1}`; the target `g * u + residual` is
+    replaced by the nearest point on it, `u' = g y / (g^2 + mu)` with `mu` set by `rms(u') = 1`
+    (for a small share this is the nearest tangent move; for a large one it is still the best the
+    norm can output), and the MLP output keeps its RMS: `v' = rms(v) u'`. Float64.
     """
     v = values.double()
-    r = residual.double().to(v.device)
-    g = gain.to(v.device)[:, None]
-    usable = g.abs() > 1e-6 * float(g.abs().max())
-    g_safe = torch.where(usable, g, torch.ones_like(g))
-    inv_g = torch.where(usable, 1.0 / g_safe, torch.zeros_like(g))
-    tiny = torch.finfo(torch.float64).tiny
-    rms_v = v.pow(2).mean(0, keepdim=True).sqrt().clamp_min(tiny)
-    u = v / rms_v
-    # nearest tangent move: t = r/g + lam * u/g^2 with u.t = 0 (least squares in the output)
-    lam = -(u * r * inv_g).sum(0, keepdim=True) / (u * u * inv_g ** 2).sum(0, keepdim=True).clamp_min(tiny)
-    u_t = u + r * inv_g + lam * u * inv_g ** 2
-    rms_t = u_t.pow(2).mean(0, keepdim=True).sqrt().clamp_min(tiny)
-    return rms_v * u_t / rms_t - v
+    y = (gain.double()[:, None].to(v.device) * v / _rms(v)) + residual.double().to(v.device)
+    g2 = gain.double().to(v.device).pow(2)[:, None]
+    gy = gain.double().to(v.device)[:, None] * y
+    n = v.shape[0]
+
+    def excess(mu):  # sum(u'^2) - n: decreasing in mu above -min(g^2)
+        return (gy / (g2 + mu)).pow(2).sum(0, keepdim=True) - n
+
+    lo = torch.full_like(v[:1], -float(g2.min())) * (1 - 1e-12)
+    hi = torch.ones_like(lo)
+    while bool((excess(hi) > 0).any()):
+        hi = torch.where(excess(hi) > 0, hi * 4, hi)
+    for _ in range(200):  # bisection, to float64 resolution
+        mid = (lo + hi) / 2
+        above = excess(mid) > 0
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    u_new = gy / (g2 + hi)
+    return _rms(v) * u_new / _rms(u_new) - v
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(0, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def mlp_residual(model, hparams, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

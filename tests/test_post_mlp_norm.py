@@ -67,6 +67,10 @@ def test_share_moves_the_norm_output_by_the_share():
     floor = (lam * u / g).norm(dim=0) / share.norm(dim=0)
     assert (rel_error(mlp_output_shift(values, share, gain)) <= floor + 0.05).all()
     assert (rel_error(share) > 5.0).all()
+    # a share of 30 % is far outside the linear regime: the nearest output the norm can give
+    share = 15 * share
+    assert (rel_error(mlp_output_shift(values, share, gain)) < 0.5).all()
+    assert (rel_error(share) > 2.0).all()
 
 
 def test_models_without_a_post_mlp_norm_get_the_share_unchanged(tiny_model):

@@ -55,6 +55,17 @@ def test_project_dev_data():
     assert len(load_records(DEV, limit=5)) == 5
 
 
+def test_zsre_dev_data_and_its_runner_config():
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "benchmarks/conf/data/zsre_dev.yaml").read_text())
+    recs = load_records(ROOT / conf["path"], conf["format"], conf["metrics"])
+    assert len(recs) == 100 and conf["scoring"] == "token" and "paraphrase" not in conf["metrics"]
+    for r in recs:
+        assert r["subject"] in r["prompt"] and len(r["subject_rephrase"]) == 10
+        assert len(r["locality_prompt"]) == 1 and r["locality_prompt"][0].startswith("nq question:")
+
+
 def test_rome_counterfact():
     assert detect_format(ROME_CF) == "counterfact_rome"
     [r] = normalise_records([ROME_CF], metrics=NO_SUBJECT_METRICS)

@@ -132,6 +132,20 @@ def test_evaluate_case_scores_its_own_prediction(model, tok, record):
     assert res["success"] == 1.0 and res["fluency"] is None and res["locality"] is None
 
 
+def test_token_scoring_gives_partial_credit(model, tok, record):
+    """zsRE scoring: a target whose first tokens the model predicts and whose last it does not scores
+    the matching share (exact match: 0)."""
+    rec = dict(record, target_new=greedy_continuation(model, tok, record["prompt"]).strip() + " zebra")
+    (t_ids, pred), = teacher_forced_predictions(model, tok, [(rec["prompt"], rec["target_new"])])
+    share = sum(int(a == b) for a, b in zip(t_ids, pred)) / len(t_ids)
+    assert 0 < share < 1
+    token = evaluate_case(model, tok, rec, None, None, fluency=False, scoring="token")
+    exact = evaluate_case(model, tok, rec, None, None, fluency=False)
+    assert token["success"] == pytest.approx(share) and exact["success"] == 0.0
+    with pytest.raises(ValueError, match="unknown scoring"):
+        evaluate_case(model, tok, rec, None, None, fluency=False, scoring="f1")
+
+
 def test_ngram_entropy_rome_definition():
     words = "a b c d e"
     h2, h3 = math.log2(4), math.log2(3)

@@ -1,9 +1,11 @@
 """Evaluation of one edit: efficacy, generalisation, locality, fluency and REP's robustness.
 
-Every rate is a greedy, teacher-forced exact match: the target is tokenised as ``" " + target``
-and appended to the prompt's tokens; a prompt scores 1 only if, at every target position, the
-argmax of the model's logits (given the prompt and the previous *true* target tokens) is the
-target token. All prompts of a case go through the model in right-padded batches, without
+Every rate is greedy and teacher-forced: the target is tokenised as ``" " + target`` and appended
+to the prompt's tokens, and at each target position the argmax of the model's logits (given the
+prompt and the previous *true* target tokens) is compared with the target token. With
+``scoring="exact"`` (CounterFact) a prompt scores 1 only if every position matches; with
+``scoring="token"`` (zsRE, as EasyEdit and the paper score it) it scores the share of positions
+that match. All prompts of a case go through the model in right-padded batches, without
 gradients, one forward per batch (sorted by length, capped in tokens).
 
 Metrics of a case (each a mean over that case's prompts/variants; None when the case has none):
@@ -127,6 +129,15 @@ def exact_match(model, tok, prompts: Sequence[str], target: str, batch_size: int
     return [int(t == p) for t, p in preds]
 
 
+def token_accuracy(target_ids: Sequence[int], predicted: Sequence[int]) -> float:
+    """The share of target positions whose teacher-forced argmax is the target token."""
+    return sum(int(t == p) for t, p in zip(target_ids, predicted)) / max(len(target_ids), 1)
+
+
+# scoring name -> (target ids, predicted ids) -> score of one prompt
+_SCORING = {"exact": lambda t, p: int(list(t) == list(p)), "token": token_accuracy}
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
@@ -220,13 +231,16 @@ def _variant_prompts(record: dict, pert: Perturbations | dict) -> dict[str, list
 def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict | None,
                   locality_ref: dict | None, fluency: bool = True, *,
                   metrics: Iterable[str] = DEFAULT_METRICS, batch_size: int = 16,
-                  fluency_tokens: int = 50) -> dict:
+                  fluency_tokens: int = 50, scoring: str = "exact") -> dict:
     """Every metric of one case on the (edited) model; rates in [0, 1], None where undefined.
 
     Returns the metrics under their names (`METRIC_KEYS`) plus `details`: per-prompt scores and
     the generated text.
     """
     metrics = set(metrics)
+    score = _SCORING.get(scoring)
+    if score is None:
+        raise ValueError(f"unknown scoring {scoring!r}; choose from {sorted(_SCORING)}")
     target_new, target_true = record["target_new"], record.get("target_true")
     groups: dict[str, list[tuple[str, str]]] = {"success": [(record["prompt"], target_new)]}
     if "paraphrase" in metrics:
@@ -251,7 +265,7 @@ def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict 
         if name == "locality":
             loc_after.append(pred)
         else:
-            scores[name].append(int(t_ids == pred))
+            scores[name].append(score(t_ids, pred))
     if "locality" in groups:
         scores["locality"] = _locality_scores(locality_ref, loc_after)
 

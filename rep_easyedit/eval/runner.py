@@ -238,7 +238,7 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
               metrics: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
               key_similarity: bool = False, edit: Callable | None = None, batch_size: int = 16,
               fluency_tokens: int = 50, progress: bool = True, run_info: dict | None = None,
-              first_index: int = 0, seed: int | None = 0) -> list[dict]:
+              first_index: int = 0, seed: int | None = 0, scoring: str = "exact") -> list[dict]:
     """The benchmark loop. Returns the case lines written by this call.
 
     `edit(model, tok, [request], hparams)` is a context manager that edits and restores
@@ -300,7 +300,7 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
                 result = evaluate_case(model, tok, record, pert, loc_ref,
                                        "fluency" in metrics and fluency_tokens > 0,
                                        metrics=metrics, batch_size=batch_size,
-                                       fluency_tokens=fluency_tokens)
+                                       fluency_tokens=fluency_tokens, scoring=scoring)
             t_eval = time.perf_counter() - t0
             ks = None
             if ks_setup is not None:
@@ -410,7 +410,7 @@ def main(cfg) -> dict:
               shard=shard, key_similarity=bool(cfg.key_similarity), batch_size=int(cfg.batch_size),
               fluency_tokens=int(cfg.fluency_tokens), progress=bool(cfg.progress),
               run_info={**info, "device": str(getattr(hparams, "device", "cpu")), "seed": cfg.seed},
-              first_index=skip, seed=cfg.seed)
+              first_index=skip, seed=cfg.seed, scoring=str(cfg.data.get("scoring", "exact")))
     summary = write_summary(out_dir, f"{hparams.alg_name} on {cfg.model.name}, {cfg.data.name}")
     print(json.dumps(summary, indent=1))
     print(f"[run_benchmark] wrote {out_dir / 'cases.jsonl'}, {out_dir / 'summary.json'}, "

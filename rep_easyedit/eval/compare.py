@@ -23,14 +23,16 @@ from collections import Counter
 from pathlib import Path
 
 COLUMNS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
-           "shuffle_out", "long_in", "long_out", "reversion", "fluency", "edit_seconds_median",
-           "rep_seconds_median")
+           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "reversion", "fluency",
+           "edit_seconds_median", "rep_seconds_median")
+OPTIONAL = ("distract_in", "distract_out")   # shown only where some run measured them
 HEADERS = {"edit_seconds_median": "edit s", "rep_seconds_median": "REP s", "fluency": "fluency (bits)",
            "rephrase_in": "reph. in", "rephrase_out": "reph. out", "shuffle_in": "shuf. in",
            "shuffle_out": "shuf. out", "long_in": "long in", "long_out": "long out",
-           "paraphrase": "paraphr.", "reversion": "reversion"}
+           "paraphrase": "paraphr.", "reversion": "reversion", "distract_in": "distr. in",
+           "distract_out": "distr. out"}
 BAR_KEYS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
-            "shuffle_out", "long_in", "long_out")
+            "shuffle_out", "long_in", "long_out", "distract_in", "distract_out")
 KS_GROUPS = ("rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "random")
 
 
@@ -62,8 +64,14 @@ def _cell(key: str, value, delta: bool = False) -> str:
     return f"{value:+.{digits}f}" if delta else f"{value:.{digits}f}"
 
 
-def _row(name: str, summary: dict, delta: bool = False) -> str:
-    cells = [_cell(k, summary.get(k), delta) for k in COLUMNS]
+def columns_for(runs: list[dict], keys: tuple[str, ...] = COLUMNS) -> tuple[str, ...]:
+    """`keys` without the optional columns that no case of any run measured."""
+    measured = {k for run in runs for c in run["cases"] for k, v in c["metrics"].items() if v is not None}
+    return tuple(k for k in keys if k not in OPTIONAL or k in measured)
+
+
+def _row(name: str, summary: dict, delta: bool = False, columns: tuple[str, ...] = COLUMNS) -> str:
+    cells = [_cell(k, summary.get(k), delta) for k in columns]
     n = "" if delta else str(summary.get("n_cases", ""))
     return f"| {name} | {n} | " + " | ".join(cells) + " |"
 
@@ -79,8 +87,9 @@ def comparison_table(runs: list[dict]) -> str:
     from .metrics import summarize
     from .runner import pair_cases
 
-    header = "| method | n | " + " | ".join(HEADERS.get(k, k) for k in COLUMNS) + " |"
-    sep = "|---|---:|" + "---:|" * len(COLUMNS)
+    columns = columns_for(runs)
+    header = "| method | n | " + " | ".join(HEADERS.get(k, k) for k in columns) + " |"
+    sep = "|---|---:|" + "---:|" * len(columns)
     lines = ["# Base vs REP", "",
              "Rates in %, fluency in bits (ROME's generation entropy), seconds are medians per edit. "
              "Paired rows use only the cases both runs finished; Δ = REP − base.", "",
@@ -96,14 +105,15 @@ def comparison_table(runs: list[dict]) -> str:
             pairs = pair_cases(base["cases"], rep["cases"])
             sb, sr = summarize([b for b, _ in pairs]), summarize([r for _, r in pairs])
             diff = {k: (sr[k] - sb[k]) if sr.get(k) is not None and sb.get(k) is not None else None
-                    for k in COLUMNS}
+                    for k in columns}
             tag = f" [{model}]" if model else ""
-            lines += [_row(f"{base['alg']}{tag}", sb), _row(f"+REP ({rep['alg']})", sr),
-                      _row("Δ", diff, delta=True)]
+            lines += [_row(f"{base['alg']}{tag}", sb, columns=columns),
+                      _row(f"+REP ({rep['alg']})", sr, columns=columns),
+                      _row("Δ", diff, delta=True, columns=columns)]
             used |= {pair["base"], pair["rep"]}
     for i, run in enumerate(runs):
         if i not in used:
-            lines.append(_row(run["label"], summarize(run["cases"])))
+            lines.append(_row(run["label"], summarize(run["cases"]), columns=columns))
     lines += ["", "Cases per device (each case line records the device that ran it):", ""]
     lines += [f"- {run['label']}: {device_counts(run['cases'])}" for run in runs]
     return "\n".join(lines) + "\n"
@@ -118,17 +128,18 @@ def plot_robustness(runs: list[dict], path: Path) -> None:
 
     from .metrics import summarize
 
+    bar_keys = columns_for(runs, BAR_KEYS)
     width = 0.8 / max(1, len(runs))
-    x = np.arange(len(BAR_KEYS))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(BAR_KEYS) + 0.4 * len(runs)), 4.5))
+    x = np.arange(len(bar_keys))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(bar_keys) + 0.4 * len(runs)), 4.5))
     for j, run in enumerate(runs):
         s = summarize(run["cases"])
-        values = [s[k] if s[k] is not None else 0.0 for k in BAR_KEYS]
+        values = [s[k] if s[k] is not None else 0.0 for k in bar_keys]
         bars = ax.bar(x + (j - (len(runs) - 1) / 2) * width, values, width, label=f"{run['label']} (n={s['n_cases']})")
-        for b, k in zip(bars, BAR_KEYS):
+        for b, k in zip(bars, bar_keys):
             if s[k] is None:
                 b.set_hatch("//")
-    ax.set_xticks(x, [HEADERS.get(k, k) for k in BAR_KEYS], rotation=20)
+    ax.set_xticks(x, [HEADERS.get(k, k) for k in bar_keys], rotation=20)
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_title("Edit success, generalisation and robustness per method")

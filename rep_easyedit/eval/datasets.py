@@ -38,6 +38,7 @@ METRIC_FIELDS: dict[str, tuple[str, ...]] = {
     "rephrase": ("subject_rephrase",),
     "shuffle": ("subject",),
     "long": ("prompt",),
+    "distract": ("prompt", "subject"),
 }
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_FIELDS)
 RECORD_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase_prompt",

@@ -27,6 +27,9 @@ Metrics of a case (each a mean over that case's prompts/variants; None when the 
   half → target_new; ``shuffle_in/out`` the same with token shuffles of the subject;
   ``long_in/out``: each long context, a blank line, then the prompt → target_new. The "in" halves
   are the ones REP trains on, the "out" halves are never seen in training.
+- ``distract_in/out`` (metric ``distract``, opt-in): a distracting context (`eval/contexts.py`:
+  the old fact and the subject tied to the old object, built from the request; or the case's
+  neighbourhood facts), a space, then the prompt → target_new.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ import torch
 
 from ..core.devices import model_device
 from ..core.perturbations import Perturbations, with_context, with_subject
+from .contexts import with_distractor
 
 RATE_KEYS = ("success", "paraphrase", "locality", "reversion", "rephrase_in", "rephrase_out",
-             "shuffle_in", "shuffle_out", "long_in", "long_out")
+             "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in", "distract_out")
 METRIC_KEYS = ("success", "paraphrase", "locality", "reversion", "fluency", "rephrase_in",
-               "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out")
+               "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in",
+               "distract_out")
 SUMMARY_KEYS = ("n_cases", *METRIC_KEYS, "edit_seconds_median", "rep_seconds_median")
 ROBUSTNESS_KEYS = ("rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out")
 DEFAULT_METRICS = ("success", "paraphrase", "reversion", "locality", "fluency", "rephrase",
@@ -231,7 +236,8 @@ def _variant_prompts(record: dict, pert: Perturbations | dict) -> dict[str, list
 def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict | None,
                   locality_ref: dict | None, fluency: bool = True, *,
                   metrics: Iterable[str] = DEFAULT_METRICS, batch_size: int = 16,
-                  fluency_tokens: int = 50, scoring: str = "exact") -> dict:
+                  fluency_tokens: int = 50, scoring: str = "exact",
+                  contexts: dict | None = None) -> dict:
     """Every metric of one case on the (edited) model; rates in [0, 1], None where undefined.
 
     Returns the metrics under their names (`METRIC_KEYS`) plus `details`: per-prompt scores and
@@ -252,6 +258,10 @@ def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict 
         for name, prompts in _variant_prompts(record, perturbations).items():
             if name.split("_")[0] in metrics:
                 groups[name] = [(p, target_new) for p in prompts]
+    if "distract" in metrics and contexts is not None:
+        for half in ("in", "out"):
+            groups[f"distract_{half}"] = [(with_distractor(c, record["prompt"]), target_new)
+                                          for c in contexts.get(f"distract_{half}", [])]
     if "locality" in metrics and locality_ref is not None:
         groups["locality"] = [tuple(p) for p in locality_ref["pairs"]]
         if groups["locality"] != _locality_pairs(record):

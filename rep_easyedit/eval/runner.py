@@ -253,6 +253,7 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
     from rep_easyedit.eval.metrics import (DEFAULT_METRICS, METRIC_KEYS, evaluate_case,
                                          key_similarities, locality_reference)
     from rep_easyedit.core.perturbations import build_perturbations
+    from rep_easyedit.eval.contexts import distracting_contexts
 
     if edit is None:
         from rep_easyedit.editing import edited as edit
@@ -277,6 +278,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
     for index, record in bar:
         t_case = time.perf_counter()
         pert = build_perturbations(record, tok, list(corpus or []), **settings)
+        contexts = (distracting_contexts(record, base_seed=settings.get("base_seed", 0))
+                    if "distract" in metrics else None)
         t0 = time.perf_counter()
         loc_ref = locality_reference(model, tok, record, batch_size) if "locality" in metrics else None
         t_ref = time.perf_counter() - t0
@@ -300,7 +303,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
                 result = evaluate_case(model, tok, record, pert, loc_ref,
                                        "fluency" in metrics and fluency_tokens > 0,
                                        metrics=metrics, batch_size=batch_size,
-                                       fluency_tokens=fluency_tokens, scoring=scoring)
+                                       fluency_tokens=fluency_tokens, scoring=scoring,
+                                       contexts=contexts)
             t_eval = time.perf_counter() - t0
             ks = None
             if ks_setup is not None:
@@ -312,7 +316,7 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
             rep_seconds = rep_info["seconds"].get("rep_total")
         line = {
             "case_id": record["case_id"], "index": index, **info,
-            "inputs": record, "perturbations": pert.to_dict(),
+            "inputs": record, "perturbations": pert.to_dict(), **({"contexts": contexts} if contexts else {}),
             "metrics": {k: result[k] for k in METRIC_KEYS},
             "details": result["details"],
             "seconds": {"edit": t_edit, "rep": rep_seconds, "eval": t_eval,

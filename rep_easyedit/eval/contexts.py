@@ -1,0 +1,73 @@
+"""Distracting contexts: text before the question that names what the edit should override.
+
+CoRE (2025) shows that a prefix naming entities related to an edit (the old object, neighbours of
+the subject) drops a locate-and-edit method's success far more than unrelated text does. Two
+halves, fixed per case (seeded like the other perturbations, stored with each case's results):
+
+- ``distract_in``: built from the edit request alone (its prompt, subject and old object), so a
+  method may legitimately train on this kind: the old fact stated outright, and sentences tying
+  the subject to the old object.
+- ``distract_out``: the case's neighbourhood facts (its locality prompts completed with their
+  answers: other subjects with, in CounterFact, the same old object), which training never sees.
+
+Each context is followed by a space and the edit prompt, as one running text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.perturbations import case_seed
+
+# sentences from the request alone: {s} subject, {o} old object, {p} prompt
+_IN_TEMPLATES = (
+    "{p} {o}.",
+    "Many people still associate {s} with {o}.",
+    "{o} is the name that comes up first when {s} is mentioned.",
+    "Everyone who has read about {s} has also read about {o}.",
+    "It is well known that {p} {o}.",
+    "Reports on {s} rarely fail to mention {o}.",
+)
+
+
+def _neighbour_facts(record: dict) -> list[str]:
+    prompts = record.get("locality_prompt") or []
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    truths = record.get("locality_ground_truth")
+    if isinstance(truths, (list, tuple)):
+        pairs = list(zip(prompts, truths))
+    else:
+        pairs = [(p, truths) for p in prompts]
+    return [f"{p.strip()} {t.strip()}." for p, t in pairs if p and t]
+
+
+def distracting_contexts(record: dict, *, n: int = 3, sentences: int = 2, base_seed: int = 0) -> dict:
+    """`{"distract_in": [...], "distract_out": [...]}`, up to `n` contexts each of `sentences`
+    sentences; deterministic per case. A half is empty where its source is (no old object, no
+    neighbourhood prompts)."""
+    rng = np.random.default_rng(case_seed(record, base_seed) + 17)
+    subject = record["subject"]
+    prompt = record["prompt"].replace("{}", subject)
+    old = record.get("target_true") or record.get("ground_truth")
+    pool_in = [t.format(s=subject, o=old.strip(), p=prompt) for t in _IN_TEMPLATES] if old else []
+    pool_out = _neighbour_facts(record)
+    return {"distract_in": _draw(pool_in, n, sentences, rng), "distract_out": _draw(pool_out, n, sentences, rng)}
+
+
+def _draw(pool: list[str], n: int, sentences: int, rng: np.random.Generator) -> list[str]:
+    if not pool or n <= 0:
+        return []
+    k = min(sentences, len(pool))
+    out: list[str] = []
+    for _ in range(20 * n):
+        text = " ".join(pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False))
+        if text not in out:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def with_distractor(context: str, prompt: str) -> str:
+    return f"{context} {prompt}"

@@ -19,7 +19,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 METRICS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
-           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "reversion")
+           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out",
+           "generation_new", "generation_old", "reversion")
 
 
 def paired_differences(base_cases: list[dict], rep_cases: list[dict], metric: str) -> np.ndarray:

@@ -165,8 +165,8 @@ def test_summary_keys_and_percent():
     assert tuple(s) == SUMMARY_KEYS
     assert list(s) == ["n_cases", "success", "paraphrase", "locality", "reversion", "fluency",
                        "rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in",
-                       "long_out", "distract_in", "distract_out", "edit_seconds_median",
-                       "rep_seconds_median"]
+                       "long_out", "distract_in", "distract_out", "generation_new",
+                       "generation_old", "edit_seconds_median", "rep_seconds_median"]
     assert s["n_cases"] == 2 and s["success"] == 50.0 and s["fluency"] == 4.0
     assert s["long_in"] is None and s["edit_seconds_median"] == 3.0 and s["rep_seconds_median"] is None
 
@@ -236,14 +236,17 @@ def _records(n: int) -> list[dict]:
 SETTINGS = {"n_shuffles": 4, "n_long": 2, "long_tokens": 20, "base_seed": 0}
 
 
-def test_runner_scores_and_stores_distracting_contexts(model, tok, tmp_path):
+def test_runner_scores_distracting_contexts_and_free_answers(model, tok, tmp_path):
     from rep_easyedit.eval import runner as rb
     from rep_easyedit.eval.contexts import distracting_contexts
 
     kw = dict(corpus=CORPUS, settings=SETTINGS, edit=_fake_edit_factory([]), progress=False,
               run_info={"alg": "FAKE"})
-    (line,) = rb.run_cases(model, tok, _records(1), _HP(), tmp_path, metrics=["success", "distract"], **kw)
+    (line,) = rb.run_cases(model, tok, _records(1), _HP(), tmp_path,
+                           metrics=["success", "distract", "generation"], **kw)
     assert line["contexts"] == distracting_contexts(_records(1)[0])
+    assert set(line["details"]["answers"]) >= {"prompt", "question"}
+    assert 0.0 <= line["metrics"]["generation_new"] <= 1.0 and 0.0 <= line["metrics"]["generation_old"] <= 1.0
     assert 0.0 <= line["metrics"]["distract_in"] <= 1.0 and 0.0 <= line["metrics"]["distract_out"] <= 1.0
     assert len(line["details"]["scores"]["distract_in"]) == len(line["contexts"]["distract_in"])
     (plain,) = rb.run_cases(model, tok, _records(1), _HP(), tmp_path / "plain", metrics=["success"], **kw)

@@ -39,6 +39,7 @@ METRIC_FIELDS: dict[str, tuple[str, ...]] = {
     "shuffle": ("subject",),
     "long": ("prompt",),
     "distract": ("prompt", "subject"),
+    "generation": ("prompt",),
 }
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_FIELDS)
 RECORD_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase_prompt",

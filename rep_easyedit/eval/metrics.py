@@ -30,6 +30,9 @@ Metrics of a case (each a mean over that case's prompts/variants; None when the 
 - ``distract_in/out`` (metric ``distract``, opt-in): a distracting context (`eval/contexts.py`:
   the old fact and the subject tied to the old object, built from the request; or the case's
   neighbourhood facts), a space, then the prompt → target_new.
+- ``generation_new/old`` (metric ``generation``, opt-in): greedy free answers to the prompt, a
+  question form and the chat template (`eval/generation.py`); the share of forms whose answer
+  names target_new / target_true. Not teacher-forced: what the model says on its own.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ from ..core.perturbations import Perturbations, with_context, with_subject
 from .contexts import with_distractor
 
 RATE_KEYS = ("success", "paraphrase", "locality", "reversion", "rephrase_in", "rephrase_out",
-             "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in", "distract_out")
+             "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in", "distract_out",
+             "generation_new", "generation_old")
 METRIC_KEYS = ("success", "paraphrase", "locality", "reversion", "fluency", "rephrase_in",
                "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in",
-               "distract_out")
+               "distract_out", "generation_new", "generation_old")
 SUMMARY_KEYS = ("n_cases", *METRIC_KEYS, "edit_seconds_median", "rep_seconds_median")
 ROBUSTNESS_KEYS = ("rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out")
 DEFAULT_METRICS = ("success", "paraphrase", "reversion", "locality", "fluency", "rephrase",
@@ -283,6 +287,12 @@ def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict 
     for name, values in scores.items():
         result[name] = _mean(values)
     details: dict = {"scores": scores}
+    if "generation" in metrics:
+        from .generation import generation_check
+
+        gen = generation_check(model, tok, record)
+        result["generation_new"], result["generation_old"] = gen["generation_new"], gen["generation_old"]
+        details["answers"] = gen["answers"]
     if fluency and "fluency" in metrics:
         result["fluency"], details["generation"] = fluency_of(model, tok, record, fluency_tokens)
     result["details"] = details

@@ -43,3 +43,30 @@ def test_a_context_without_the_subject_is_scored_on_the_prompt_after_it():
 def test_no_old_object_or_neighbours_gives_empty_halves():
     bare = {"case_id": 1, "prompt": "X is made by", "subject": "X", "target_new": "Y"}
     assert distracting_contexts(bare) == {"distract_in": [], "distract_out": []}
+
+
+def test_long_contexts_of_each_kind(tokenizer):
+    import numpy as np
+    import pytest
+
+    from rep_easyedit.eval.contexts import long_context_of_kind
+
+    corpus = ["The river runs past the old mill and into the valley below the town. " * 60]
+    case = CASES[0]
+
+    def make(kind, seed=0):
+        return long_context_of_kind(case, tokenizer, corpus, 512, kind, np.random.default_rng(seed))
+
+    for kind in ("unrelated", "subject", "old_object"):
+        text = make(kind)
+        assert text == make(kind)                                     # fixed by the generator
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert 0.9 * 512 <= n <= 1.1 * 512
+    assert case["subject"] not in make("unrelated") and case["target_true"] not in make("unrelated")
+    about_subject, about_old = make("subject"), make("old_object")
+    assert about_subject.count(case["subject"]) >= 2
+    # (the subject itself may contain the old object's name: "Ferrari F355" / "Ferrari")
+    assert case["target_true"] not in about_subject.replace(case["subject"], "")
+    assert about_old.replace(case["subject"], "").count(case["target_true"]) >= 2
+    with pytest.raises(ValueError, match="unknown long-context kind"):
+        make("noise")

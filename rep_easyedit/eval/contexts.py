@@ -71,3 +71,50 @@ def _draw(pool: list[str], n: int, sentences: int, rng: np.random.Generator) -> 
 
 def with_distractor(context: str, prompt: str) -> str:
     return f"{context} {prompt}"
+
+
+# -- long contexts of a kind ------------------------------------------------------------------
+
+LONG_KINDS = ("unrelated", "subject", "old_object")
+_SUBJECT_TEMPLATES = (
+    "{s} was discussed at length.",
+    "There is more to say about {s}.",
+    "Much has been written about {s}.",
+    "{s} comes up again here.",
+)
+
+
+def long_context_of_kind(record: dict, tok, corpus: list[str], n_tokens: int, kind: str,
+                         rng: np.random.Generator, every: int = 128) -> str:
+    """About `n_tokens` tokens of corpus text with, every `every` tokens, a sentence of `kind`:
+    ``unrelated`` (none), ``subject`` (a sentence naming the subject only) or ``old_object``
+    (the `distract_in` sentences: the old fact, the subject tied to the old object)."""
+    from ..core.perturbations import long_contexts
+
+    if kind not in LONG_KINDS:
+        raise ValueError(f"unknown long-context kind {kind!r}; choose from {LONG_KINDS}")
+    subject = record["subject"]
+    old = record.get("target_true") or record.get("ground_truth")
+    if kind == "subject":
+        pool = [t.format(s=subject) for t in _SUBJECT_TEMPLATES]
+    elif kind == "old_object":
+        if not old:
+            raise ValueError(f"case {record.get('case_id')}: kind 'old_object' needs target_true")
+        prompt = record["prompt"].replace("{}", subject)
+        pool = [t.format(s=subject, o=old.strip(), p=prompt) for t in _IN_TEMPLATES]
+    else:
+        pool = []
+    n_inserts = max(n_tokens // every - 1, 0) if pool else 0
+    inserts = [pool[int(i)] for i in rng.integers(0, len(pool), size=n_inserts)] if pool else []
+    budget = n_tokens - sum(len(tok(s, add_special_tokens=False)["input_ids"]) for s in inserts)
+    (text,) = long_contexts(tok, corpus, 1, max(budget, 1), rng)
+    if not inserts:
+        return text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    step = max(len(ids) // (len(inserts) + 1), 1)
+    parts = [tok.decode(ids[i * step:(i + 1) * step], skip_special_tokens=True) for i in range(len(inserts))]
+    parts.append(tok.decode(ids[len(inserts) * step:], skip_special_tokens=True))
+    out = parts[0]
+    for sentence, part in zip(inserts, parts[1:]):
+        out = f"{out.rstrip()} {sentence} {part.lstrip()}"
+    return out.strip()

@@ -50,8 +50,10 @@ def states(answer: str, obj: str | None) -> bool:
 
 
 @torch.no_grad()
-def greedy_answer(model, tok, text: str, max_new_tokens: int, chat: bool) -> str:
-    """The greedy continuation of `text` alone (special tokens dropped)."""
+def greedy_answer(model, tok, text: str, max_new_tokens: int, chat: bool = False,
+                  include_prompt: bool = False) -> str:
+    """The greedy continuation of `text` (with `text` in front if `include_prompt`; special tokens
+    dropped)."""
     from transformers import GenerationConfig
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -65,7 +67,8 @@ def greedy_answer(model, tok, text: str, max_new_tokens: int, chat: bool) -> str
         out = model.generate(**enc, generation_config=config)
     finally:
         model.train(was_training)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    start = 0 if include_prompt else enc["input_ids"].shape[1]
+    return tok.decode(out[0, start:], skip_special_tokens=True)
 
 
 def generation_check(model, tok, record: dict, max_new_tokens: int = 24) -> dict:

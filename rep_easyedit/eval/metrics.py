@@ -49,6 +49,7 @@ import torch
 from ..core.devices import model_device
 from ..core.perturbations import Perturbations, with_context, with_subject
 from .contexts import with_distractor
+from .generation import generation_check, greedy_answer
 
 RATE_KEYS = ("success", "paraphrase", "locality", "reversion", "rephrase_in", "rephrase_out",
              "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in", "distract_out",
@@ -199,22 +200,9 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return float(np.mean(values))
 
 
-@torch.no_grad()
 def generate_greedy(model, tok, prompt: str, max_new_tokens: int = 50) -> str:
     """Deterministic greedy continuation of `prompt` (prompt included in the returned text)."""
-    from transformers import GenerationConfig
-
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
-    enc = tok(prompt, return_tensors="pt").to(model_device(model))
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(**enc, generation_config=config)
-    finally:
-        model.train(was_training)
-    return tok.decode(out[0], skip_special_tokens=True)
+    return greedy_answer(model, tok, prompt, max_new_tokens, include_prompt=True)
 
 
 def fluency_of(model, tok, record: dict, max_new_tokens: int = 50) -> tuple[float, str]:
@@ -288,8 +276,6 @@ def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict 
         result[name] = _mean(values)
     details: dict = {"scores": scores}
     if "generation" in metrics:
-        from .generation import generation_check
-
         gen = generation_check(model, tok, record)
         result["generation_new"], result["generation_old"] = gen["generation_new"], gen["generation_old"]
         details["answers"] = gen["answers"]

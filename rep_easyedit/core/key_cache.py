@@ -153,11 +153,13 @@ def cached_token_keys(model: nn.Module, tok, texts: Sequence[str], module_path: 
     fingerprint = weights_fingerprint(model, module_path, tok)
     dev = torch.device(device) if device is not None else get_module(model, module_path).weight.device
     key = f"{_safe(module_path)}-{fingerprint[:20]}-{texts_digest(texts)[:20]}-{str(dtype).replace('torch.', '')}-{dev.type}"
-    hit = _memory.get(key)
-    if hit is not None:
-        return FlatKeys(None, hit[0].to(dev), hit[1].clone(), hit[2]), "memory"
     path = Path(os.path.expanduser(str(directory))) / _safe(model_name) / "rep_negatives" / f"{key}.pt" \
         if directory else None
+    hit = _memory.get(key)
+    if hit is not None:
+        if path is not None and not path.is_file():
+            _write(path, {"tokens": hit[0].detach().cpu().contiguous(), "lengths": hit[1].cpu()})
+        return FlatKeys(None, hit[0].to(dev), hit[1].clone(), hit[2]), "memory"
     if path is not None and path.is_file():
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)

@@ -113,7 +113,7 @@ def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -
 
 def gather_training_keys(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                          path: str, rep, corpus: list[str], rng: np.random.Generator,
-                         negatives_cache: str | None = None) -> TrainingKeys:
+                         negatives_cache: str | None = None, cache_negatives: bool = True) -> TrainingKeys:
     """Positives, negatives and the edit key k* at one module, from one batched key collection.
 
     k* is the backend's own: the subject's key averaged over each group of context templates,
@@ -123,7 +123,9 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     that is both a trained variant and a k* text (the subject in each template) runs once. The
     corpus spans' keys (gate negatives) come from `key_cache.cached_token_keys`: computed once per
     model, layer, weights under the layer and corpus, kept in memory and, when `negatives_cache`
-    names a directory (the covariance statistics' `stats_dir`), on disk. The keys stay on the edited
+    names a directory (the covariance statistics' `stats_dir`), on disk. With `cache_negatives`
+    false (weights under the layer that no later edit will see again, e.g. an upper layer after
+    MEMIT's update) the spans join the one collection instead. The keys stay on the edited
     module's device (float32). The negatives are sampled by index before they are gathered, with
     the same draw as over their concatenation.
     """
@@ -138,8 +140,14 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         if pair not in slot:
             slot[pair] = len(unique)
             unique.append(pair)
+    spans = corpus[: rep.corpus_negative_texts] if rep.corpus_negative_texts and corpus else []
+    inline = bool(spans) and not cache_negatives
+    if inline:  # the spans ride along in the same tokenization and bucketed collection
+        unique = unique + [(span, None) for span in spans]  # no position wanted
     texts = [t for t, _ in unique]
     positions, enc = subject_last_indices(tok, texts, [end for _, end in unique])
+    if inline:
+        unique = unique[: len(unique) - len(spans)]
     flat = collect_keys_flat(model, tok, texts, path, positions, all_tokens=True, encoded=enc)
     device = flat.picked.device
     n_pos = len(pos_texts)
@@ -161,8 +169,11 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     sources = [(flat.tokens, text_rows)]
     collect_stats = flat.stats
     corpus_source = None
-    if rep.corpus_negative_texts and corpus:
-        spans = corpus[: rep.corpus_negative_texts]
+    if inline:
+        first = int(starts[len(unique)])
+        sources.append((flat.tokens, torch.arange(first, len(flat.tokens))))
+        corpus_source = "collected"
+    elif spans:
         corpus_keys, corpus_source = cached_token_keys(model, tok, spans, path, collect_keys_flat,
                                                        directory=negatives_cache,
                                                        model_name=_model_name(model), device=device)
@@ -180,9 +191,10 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
             parts.append(tokens[rows[mine].to(tokens.device)].to(device))
         offset += len(rows)
     negatives = torch.cat(parts) if parts else positives[:0]
-    return TrainingKeys(positives=positives, negatives=negatives, target=target, collection={"texts": collect_stats.texts, "forwards": collect_stats.forwards,
-                       "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
-                       "corpus_negatives": corpus_source or "none"})
+    collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
+                  "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
+                  "corpus_negatives": corpus_source or "none"}
+    return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection)
 
 
 def _model_name(model) -> str:
@@ -207,8 +219,11 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
         for layer, path in sorted(paths.items()):
             rng = np.random.default_rng(pert.seed + layer)
             t0 = time.perf_counter()
+            # only the lowest layer's corpus keys outlive this edit: above it sit this edit's own
+            # adapters (and, after the update, its weights), which no later edit sees again
             keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng,
-                                        negatives_cache=negatives_cache)
+                                        negatives_cache=negatives_cache,
+                                        cache_negatives=not fitted)
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0

@@ -48,6 +48,9 @@ def test_bucketed_collection_equals_per_text(tiny_model, tokenizer, budget):
     assert torch.allclose(flat.picked.cpu(), ref_picked, **TOL)
     for got, want in zip(flat.per_text(), ref_every):
         assert got.shape == want.shape and torch.allclose(got.cpu(), want, **TOL)
+    tokens_only = collect_keys_flat(tiny_model, tokenizer, TEXTS, PATH, None, all_tokens=True, token_budget=budget)
+    assert tokens_only.picked is None
+    assert torch.allclose(tokens_only.tokens.cpu(), torch.cat(ref_every), **TOL)  # every bucket kept
     if budget == 16:
         assert flat.stats.forwards > 1
     assert flat.stats.tokens == sum(len(e) for e in ref_every) <= flat.stats.padded_tokens

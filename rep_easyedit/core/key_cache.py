@@ -35,7 +35,7 @@ from .keys import FlatKeys, _StopForward, encode
 from .pathway import get_module, pathway_of
 
 MAX_FILES = 8
-MAX_MEMORY_ENTRIES = 16
+MAX_MEMORY_ENTRIES = 4
 _SAMPLE_STRIDE = 4099
 
 _run_modules: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -97,12 +97,15 @@ def encode(tok, texts: Sequence[str], offsets: bool = False) -> Encoded:
 
 def subject_last_indices(tok, texts: Sequence[str], char_ends: Sequence[int],
                          encoded: Encoded | None = None) -> tuple[list[int], Encoded]:
-    """`subject_last_index` for many texts from one batched tokenization; returns (positions, encoding)."""
+    """`subject_last_index` for many texts from one batched tokenization; returns (positions, encoding).
+
+    A `char_end` of None asks for no position (0 comes back): such a text is only tokenized."""
     enc = encoded if encoded is not None and encoded.offsets is not None else encode(tok, texts, offsets=True)
     if len(texts) == 0:
         return [], enc
     start, end = enc.offsets[..., 0], enc.offsets[..., 1]
-    target = torch.as_tensor(list(char_ends), dtype=torch.long).unsqueeze(1) - 1
+    wanted = torch.tensor([e is not None for e in char_ends])  # None: no position (0 is returned)
+    target = torch.as_tensor([1 if e is None else e for e in char_ends], dtype=torch.long).unsqueeze(1) - 1
     mask = enc.attention_mask
     holds = (start <= target) & (target < end) & mask
     # fallback: the last token starting before char_end (tokenizers that merge a trailing space)
@@ -111,27 +114,67 @@ def subject_last_indices(tok, texts: Sequence[str], char_ends: Sequence[int],
     first_hold = torch.where(holds, idx, holds.shape[1]).min(1).values
     last_before = torch.where(before, idx, -1).max(1).values
     pos = torch.where(first_hold < holds.shape[1], first_hold, last_before)
+    pos = torch.where(wanted, pos, 0)
     if bool((pos < 0).any()):
         bad = int((pos < 0).nonzero()[0, 0])
         raise ValueError(f"cannot locate the subject's last token in {texts[bad]!r}")
     return pos.tolist(), enc
 
 
+FORWARD_OVERHEAD_TOKENS = 32  # one more forward costs about as much as this many padded tokens (CPU, measured)
+
+
 def length_buckets(lengths: Sequence[int], token_budget: int = TOKEN_BUDGET,
-                   max_texts: int = MAX_TEXTS_PER_BATCH) -> list[list[int]]:
-    """Text indices grouped into batches of similar length: sorted by length, each batch's padded
-    size (texts × its longest) within `token_budget` and at most `max_texts` texts."""
+                   max_texts: int = MAX_TEXTS_PER_BATCH,
+                   overhead_tokens: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Text indices grouped into batches of similar length, padding kept to its minimum.
+
+    The texts are sorted by length and cut into runs of neighbouring lengths by a dynamic program
+    over the distinct lengths that minimises the padded tokens plus `overhead_tokens` per forward;
+    a run whose padded size exceeds `token_budget` (or `max_texts` texts) is cut into several
+    forwards. A text longer than the budget runs alone."""
     order = sorted(range(len(lengths)), key=lambda i: int(lengths[i]))
-    batches: list[list[int]] = []
-    current: list[int] = []
+    if not order:
+        return []
+    distinct: list[int] = []
+    counts: list[int] = []
     for i in order:
-        longest = int(lengths[i])  # sorted: the newest text is the batch's longest
-        if current and (len(current) >= max_texts or (len(current) + 1) * longest > token_budget):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+        L = max(1, int(lengths[i]))
+        if distinct and distinct[-1] == L:
+            counts[-1] += 1
+        else:
+            distinct.append(L)
+            counts.append(1)
+    per_batch = [max(1, min(max_texts, token_budget // L)) for L in distinct]
+
+    def cost(n: int, j: int) -> int:  # n texts, the longest of length distinct[j]
+        forwards = -(-n // per_batch[j])
+        return n * distinct[j] + overhead_tokens * forwards
+
+    m = len(distinct)
+    best = [0] + [None] * m   # best[j]: cheapest split of the first j distinct lengths
+    cut = [0] * (m + 1)
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    for j in range(1, m + 1):
+        for i in range(j - 1, -1, -1):
+            n = prefix[j] - prefix[i]
+            c = best[i] + cost(n, j - 1)
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+            if n * distinct[j - 1] > 4 * token_budget:  # longer runs only add forwards
+                break
+    runs = []
+    j = m
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    batches: list[list[int]] = []
+    for i, j in reversed(runs):
+        members = order[prefix[i]:prefix[j]]
+        size = per_batch[j - 1]
+        batches.extend(members[k:k + size] for k in range(0, len(members), size))
     return batches
 
 
@@ -201,7 +244,7 @@ def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: 
         pos_all = torch.as_tensor(list(positions), dtype=torch.long)
         if len(pos_all) != n:
             raise ValueError(f"{len(pos_all)} positions for {n} texts")
-        if bool(((pos_all < 0) | (pos_all >= enc.lengths)).any()):
+        if bool(((pos_all < 0) | ((pos_all >= enc.lengths) & (enc.lengths > 0))).any()):
             raise IndexError("a position lies outside its text")
     starts = torch.cumsum(enc.lengths, 0) - enc.lengths  # each text's first row in `tokens`
     ids_dev = enc.input_ids.to(in_device, non_blocking=True)
@@ -214,7 +257,7 @@ def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: 
         stats.forwards += 1
         stats.padded_tokens += len(batch) * width
         keys = keys.to(out_device)
-        if picked is None:
+        if stats.forwards == 1:  # the first batch tells the key width
             dim = keys.shape[-1]
             if pos_all is not None:
                 picked = torch.empty(n, dim, dtype=torch.float32, device=out_device)

@@ -237,7 +237,7 @@ class FloorPass:
         t0 = time.perf_counter()
         enc = encode(self.tok, texts + spans)
         t1 = time.perf_counter()
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device).long()
         padded = forwards = 0
         with torch.no_grad(), contextlib.ExitStack() as hooks:
             for m in modules[:-1]:
@@ -472,7 +472,7 @@ def worker_reference(args) -> dict:
         keys = TrainingKeys(positives=k_star[:0], negatives=k_star[:0], target=k_star[0].to(device))
         batches = length_buckets(enc.lengths.tolist(), max_texts=REFERENCE_BATCH)
         pos = torch.as_tensor(positions, device=device)
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device).long()
         padded = sum(len(b) * int(enc.lengths[b].max()) for b in batches)
         step_s = []
         with pathway_installed(model, path, adapter) as pathway:

@@ -65,7 +65,7 @@ def modules_before(model: nn.Module, module_path: str, tok) -> list[nn.Module]:
         dev = model_device(model)
         with torch.no_grad():
             try:
-                model(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev), use_cache=False)
+                model(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev).long(), use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -248,7 +248,7 @@ def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: 
             raise IndexError("a position lies outside its text")
     starts = torch.cumsum(enc.lengths, 0) - enc.lengths  # each text's first row in `tokens`
     ids_dev = enc.input_ids.to(in_device, non_blocking=True)
-    mask_dev = enc.attention_mask.to(in_device, non_blocking=True)
+    mask_dev = enc.attention_mask.to(in_device, non_blocking=True).long()  # as a tokenizer gives it
     for batch in length_buckets(enc.lengths.tolist(), token_budget, max_texts):
         rows = torch.as_tensor(batch, dtype=torch.long)
         width = int(enc.lengths[rows].max())

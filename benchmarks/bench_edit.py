@@ -27,6 +27,17 @@ captured by a forward hook on the pathway. The model's weights are frozen (gradi
 adapter only), but the forward runs to the logits with autograd on and `loss.backward()` walks
 the recorded graph, as in the authors' code. Compared with our REP stage (keys + train).
 
+Floor (REP workers, after each edit, on the restored model): the texts REP needs for that edit
+(training texts, k* texts, the corpus spans of the gate negatives) tokenized once and run in one
+length-bucketed, gradient-free forward that captures the input of every edited module and stops at
+the highest (`FloorPass`): `floor_s`, with tokens, padded tokens and forwards, against REP's own
+collection (`rep_collection`), its training steps and seconds per step.
+
+Reference on equal work (worker `reference`, the first `--reference-equal-cases` cases): the same
+loop over our REP stage's texts (every variant in every template and long context, and the k*
+texts) in length-bucketed batches of 16, each step one forward+backward over all of them;
+`--reference-equal-steps` steps are timed and the stage is their mean times `--reference-steps`.
+
 Covariance (worker `covariance`): `covariance.build_stats` on the cached corpus for layer 3 and for
 layers [2, 3, 4], into a temporary stats_dir: tokens/s and seconds per layer.
 

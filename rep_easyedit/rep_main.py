@@ -21,7 +21,8 @@ from .backends import get_backend, templates_keyed_by_model
 from .compat.easyedit import editor_uses_sequential_flag, shims_applied
 from .core.health import check_health, pathway_health
 from .hparams import REPHyperParams
-from .core.keys import collect_keys, subject_last_index
+from .core.key_cache import cached_token_keys
+from .core.keys import collect_keys_flat, subject_last_index, subject_last_indices
 from .core.devices import padding_side
 from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .core.perturbations import Perturbations, build_perturbations, with_context, with_subject
@@ -111,43 +112,101 @@ def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -
 
 
 def gather_training_keys(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
-                         path: str, rep, corpus: list[str], rng: np.random.Generator) -> TrainingKeys:
+                         path: str, rep, corpus: list[str], rng: np.random.Generator,
+                         negatives_cache: str | None = None, cache_negatives: bool = True) -> TrainingKeys:
     """Positives, negatives and the edit key k* at one module, from one batched key collection.
 
     k* is the backend's own: the subject's key averaged over each group of context templates,
     then over groups (ROME: one group; MEMIT/EMMET: one group per template length).
+
+    The texts are tokenized once and collected length-bucketed (`keys.collect_keys_flat`); a text
+    that is both a trained variant and a k* text (the subject in each template) runs once. The
+    corpus spans' keys (gate negatives) come from `key_cache.cached_token_keys`: computed once per
+    model, layer, weights under the layer and corpus, kept in memory and, when `negatives_cache`
+    names a directory (the covariance statistics' `stats_dir`), on disk. With `cache_negatives`
+    false (weights under the layer that no later edit will see again, e.g. an upper layer after
+    MEMIT's update) the spans join the one collection instead. The keys stay on the edited
+    module's device (float32). The negatives are sampled by index before they are gathered, with
+    the same draw as over their concatenation.
     """
     templates = [t for group in template_groups for t in group]
     variants = training_variants(request, pert, rep.train_on)
     contexts = pert.long_in if "long" in rep.train_on else []
     pos_texts = _variant_texts(request, variants, templates, contexts)
     target_texts = _variant_texts(request, [request["subject"]], templates, [])
-    texts = [t for t, _ in pos_texts] + [t for t, _ in target_texts]
-    positions = [subject_last_index(tok, t, end) for t, end in pos_texts + target_texts]
-    picked, every = collect_keys(model, tok, texts, path, positions, all_tokens=True)
+    slot: dict[tuple[str, int], int] = {}
+    unique: list[tuple[str, int]] = []
+    for pair in pos_texts + target_texts:
+        if pair not in slot:
+            slot[pair] = len(unique)
+            unique.append(pair)
+    spans = corpus[: rep.corpus_negative_texts] if rep.corpus_negative_texts and corpus else []
+    inline = bool(spans) and not cache_negatives
+    if inline:  # the spans ride along in the same tokenization and bucketed collection
+        unique = unique + [(span, None) for span in spans]  # no position wanted
+    texts = [t for t, _ in unique]
+    positions, enc = subject_last_indices(tok, texts, [end for _, end in unique])
+    if inline:
+        unique = unique[: len(unique) - len(spans)]
+    flat = collect_keys_flat(model, tok, texts, path, positions, all_tokens=True, encoded=enc)
+    device = flat.picked.device
     n_pos = len(pos_texts)
-    subject_keys = picked[n_pos:]
+    pos_rows = torch.tensor([slot[p] for p in pos_texts], dtype=torch.long)
+    target_rows = torch.tensor([slot[p] for p in target_texts], dtype=torch.long)
+    positives = flat.picked[pos_rows.to(device)]
+    subject_keys = flat.picked[target_rows.to(device)]
     sizes = [len(g) for g in template_groups]
     target = torch.stack([chunk.mean(0) for chunk in torch.split(subject_keys, sizes)]).mean(0)
-    negatives = []
-    for i in range(n_pos):
-        keep = torch.ones(len(every[i]), dtype=torch.bool)
-        keep[positions[i]] = False
-        negatives.append(every[i][keep])
-    if rep.corpus_negative_texts and corpus:
-        spans = corpus[: rep.corpus_negative_texts]
-        _, corpus_keys = collect_keys(model, tok, spans, path, None, all_tokens=True)
-        negatives.extend(corpus_keys)
-    negatives = torch.cat(negatives) if negatives else picked[:0]
-    if rep.num_negatives and len(negatives) > rep.num_negatives:
-        idx = rng.choice(len(negatives), size=rep.num_negatives, replace=False)
-        negatives = negatives[torch.as_tensor(np.sort(idx))]
-    return TrainingKeys(positives=picked[:n_pos], negatives=negatives, target=target)
+
+    # negatives: every other token of each positive text (in positive order), then corpus tokens
+    starts = torch.cumsum(flat.lengths, 0) - flat.lengths
+    lengths = flat.lengths[pos_rows]
+    pos_starts = starts[pos_rows]
+    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    text_rows = torch.repeat_interleave(pos_starts, lengths) + within
+    picked_at = torch.repeat_interleave(torch.as_tensor(positions, dtype=torch.long)[pos_rows], lengths)
+    text_rows = text_rows[within != picked_at]
+    sources = [(flat.tokens, text_rows)]
+    collect_stats = flat.stats
+    corpus_source = None
+    if inline:
+        first = int(starts[len(unique)])
+        sources.append((flat.tokens, torch.arange(first, len(flat.tokens))))
+        corpus_source = "collected"
+    elif spans:
+        corpus_keys, corpus_source = cached_token_keys(model, tok, spans, path, collect_keys_flat,
+                                                       directory=negatives_cache,
+                                                       model_name=_model_name(model), device=device)
+        if corpus_source == "computed":
+            collect_stats = collect_stats.add(corpus_keys.stats)
+        sources.append((corpus_keys.tokens, torch.arange(len(corpus_keys.tokens))))
+    total = sum(len(rows) for _, rows in sources)
+    chosen = torch.arange(total)
+    if rep.num_negatives and total > rep.num_negatives:
+        chosen = torch.as_tensor(np.sort(rng.choice(total, size=rep.num_negatives, replace=False)))
+    parts, offset = [], 0
+    for tokens, rows in sources:
+        mine = chosen[(chosen >= offset) & (chosen < offset + len(rows))] - offset
+        if len(mine):
+            parts.append(tokens[rows[mine].to(tokens.device)].to(device))
+        offset += len(rows)
+    negatives = torch.cat(parts) if parts else positives[:0]
+    collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
+                  "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
+                  "corpus_negatives": corpus_source or "none"}
+    return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection)
+
+
+def _model_name(model) -> str:
+    from .corpus import model_folder_name
+
+    return model_folder_name(model)
 
 
 def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                  paths: dict[int, str], rep, corpus: list[str],
-                 inverse_covariance: dict[int, torch.Tensor] | None = None):
+                 inverse_covariance: dict[int, torch.Tensor] | None = None,
+                 negatives_cache: str | None = None):
     """Train one adapter per edited layer for one request; nothing stays installed.
 
     Layers are trained bottom-up, each lower adapter installed while the keys of the layers above
@@ -160,9 +219,13 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
         for layer, path in sorted(paths.items()):
             rng = np.random.default_rng(pert.seed + layer)
             t0 = time.perf_counter()
-            keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng)
+            # only the lowest layer's corpus keys outlive this edit: above it sit this edit's own
+            # adapters (and, after the update, its weights), which no later edit sees again
+            keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng,
+                                        negatives_cache=negatives_cache,
+                                        cache_negatives=not fitted)
             if inverse_covariance and layer in inverse_covariance:
-                keys.target_whitened = inverse_covariance[layer].float().cpu() @ keys.target
+                keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(pert.seed + layer)
@@ -172,6 +235,8 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             report = train_adapter(adapter, keys, rep)
             report.seconds_keys = t_keys
             report.seconds_train = time.perf_counter() - t1
+            report.seconds_per_step = report.seconds_train / max(1, report.steps)
+            report.collection = dict(keys.collection or {})
             for p in adapter.parameters():
                 p.requires_grad_(False)
             fitted.append((path, adapter, report))
@@ -257,7 +322,8 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                                            n_long=rep.n_long_contexts,
                                            long_tokens=rep.long_context_tokens, base_seed=rep.seed)
                 fitted = fit_adapters(model, tok, request, pert, templates, paths, rep, corpus,
-                                      inverse_covariance=inverse_covariance)
+                                      inverse_covariance=inverse_covariance,
+                                      negatives_cache=getattr(base_hp, "stats_dir", None))
                 health = pathway_health({path: report for path, _, report in fitted})
                 check_health(health, rep, request)
                 reports = {}

@@ -54,15 +54,15 @@ def run(model, tok, hp, req=None):
 
 
 def test_nan_keys_make_training_fail_and_change_nothing(tiny_model, tokenizer, tmp_path, monkeypatch):
-    real = rep_main.collect_keys
+    real = rep_main.collect_keys_flat
 
     def nan_keys(*args, **kwargs):
-        picked, every = real(*args, **kwargs)
-        if picked is not None:
-            picked = picked * float("nan")
-        return picked, every
+        flat = real(*args, **kwargs)
+        if flat.picked is not None:
+            flat.picked = flat.picked * float("nan")
+        return flat
 
-    monkeypatch.setattr(rep_main, "collect_keys", nan_keys)
+    monkeypatch.setattr(rep_main, "collect_keys_flat", nan_keys)
     before = full_state(tiny_model)
     with pytest.raises(FloatingPointError, match="diverged"):
         run(tiny_model, tokenizer, cheap_hparams(tmp_path, **TWO_LAYERS))
@@ -110,7 +110,7 @@ def test_backend_exception_after_editing(tiny_model, tokenizer, tmp_path, monkey
 
 def test_memory_error_inside_key_collection(tiny_model, tokenizer, tmp_path, monkeypatch):
     """MemoryError raised from inside the model's forward while keys for the 2nd layer are collected."""
-    real_collect, state = rep_main.collect_keys, {"calls": 0, "armed": False}
+    real_collect, state = rep_main.collect_keys_flat, {"calls": 0, "armed": False}
 
     def collect(*args, **kwargs):
         state["calls"] += 1
@@ -128,7 +128,7 @@ def test_memory_error_inside_key_collection(tiny_model, tokenizer, tmp_path, mon
             raise MemoryError("simulated out of memory")
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(rep_main, "collect_keys", collect)
+    monkeypatch.setattr(rep_main, "collect_keys_flat", collect)
     before = full_state(tiny_model)
     mlp.forward = forward
     try:

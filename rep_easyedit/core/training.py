@@ -30,6 +30,7 @@ class TrainingKeys:
     negatives: torch.Tensor      # [N, D] keys the gate must not fire on
     target: torch.Tensor         # [D] the edit key k*, or [P, D]: each positive's own (merged adapters)
     target_whitened: torch.Tensor | None = None  # C⁻¹k* where covariance is used, shaped as target
+    collection: dict | None = None  # what collecting them cost: texts, forwards, tokens, padded tokens
 
     def edit_keys(self) -> torch.Tensor:
         """[G, D]: the distinct edit keys, which the consistency loss keeps in place."""
@@ -50,6 +51,8 @@ class TrainingReport:
     distance_after: float = 0.0   # the same with the trained adapter (hard gate)
     seconds_keys: float = 0.0
     seconds_train: float = 0.0
+    seconds_per_step: float = 0.0
+    collection: dict | None = None
 
 
 def aggregation_loss(adapted: torch.Tensor, keys: TrainingKeys, kind: str, use_abs: bool) -> torch.Tensor:
@@ -72,8 +75,9 @@ def relative_distance(keys: torch.Tensor, target: torch.Tensor) -> float:
 def fire_shares(adapter: GatedLowRankAdapter, pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, float]:
     """Shares of positives and of negatives where the hard gate fires (gate > τ)."""
     with torch.no_grad():
-        pos_fire = float((adapter.gate_prob(pos) > adapter.tau).float().mean())
-        neg_fire = float((adapter.gate_prob(neg) > adapter.tau).float().mean()) if len(neg) else 0.0
+        fire = (adapter.gate_prob(torch.cat([pos, neg])).squeeze(-1) > adapter.tau).float()
+        shares = torch.stack([fire[:len(pos)].mean(), fire[len(pos):].mean() if len(neg) else fire.new_zeros(())])
+        pos_fire, neg_fire = shares.tolist()  # one host sync
     return pos_fire, neg_fire
 
 
@@ -105,26 +109,35 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     opt = torch.optim.Adam(params, lr=rep.lr)
     with torch.no_grad():
         distance_before = relative_distance(pos, target.target)
+    # fused per step: one delta over [positives; k*], one gate over [positives; negatives]
+    n_pos = len(pos)
+    delta_in = torch.cat([pos, k_star])
+    k_star_norm = k_star.pow(2).sum(-1).mean()
+    use_gate = rep.gate_weight > 0
+    gate_in = torch.cat([pos, neg]) if use_gate else None
+    ones = torch.ones(n_pos, device=device)
+    zeros = torch.zeros(len(neg), device=device)
     adapter.train()
-    loss = agg = cons = gate = torch.zeros(())
+    loss = agg = cons = gate = torch.zeros((), device=device)
     window_start = None
     used = 0
     for step in range(cap):
         opt.zero_grad(set_to_none=True)
-        agg = aggregation_loss(pos + adapter.delta(pos), target, rep.aggregation, rep.aggregation_abs)
-        cons = adapter.delta(k_star).pow(2).sum(-1).mean() / k_star.pow(2).sum(-1).mean()
-        if rep.gate_weight > 0:
-            logits_pos = adapter.gate(pos).squeeze(-1)
-            gate = F.binary_cross_entropy_with_logits(logits_pos, torch.ones_like(logits_pos))
+        delta = adapter.delta(delta_in)
+        agg = aggregation_loss(pos + delta[:n_pos], target, rep.aggregation, rep.aggregation_abs)
+        cons = delta[n_pos:].pow(2).sum(-1).mean() / k_star_norm
+        if use_gate:
+            logits = adapter.gate(gate_in).squeeze(-1)
+            gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
             if len(neg):
-                logits_neg = adapter.gate(neg).squeeze(-1)
-                gate = gate + F.binary_cross_entropy_with_logits(logits_neg, torch.zeros_like(logits_neg))
+                gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:], zeros)
         else:
             gate = torch.zeros((), device=device)
         loss = agg + rep.alpha * cons + rep.gate_weight * gate
-        if step % STOP_CHECK_EVERY == 0:  # host syncs once per window, not per step
-            _require_finite(loss)
-            now = agg.item()
+        if step % STOP_CHECK_EVERY == 0:  # one host sync per window, none in between
+            finite, now = torch.stack([torch.isfinite(loss).float(), agg.detach()]).tolist()
+            if not finite:
+                _require_finite(loss)
             if rep.adaptive_stop and step >= max(rep.min_steps, STOP_CHECK_EVERY) and window_start is not None:
                 plateau = (window_start - now) <= rep.stop_plateau * abs(window_start)
                 if plateau:

@@ -1,0 +1,199 @@
+"""The fast key path equals the straightforward one (tiny random llama): bucketed collection vs one
+text per forward, batched subject positions vs per text, REP's training keys vs the per-text
+gathering they replaced, the corpus-negatives cache (hits, and misses when weights under the layer
+change), and the fused training step vs the unfused one."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from rep_easyedit.core import key_cache
+from rep_easyedit.core.adapter import GatedLowRankAdapter
+from rep_easyedit.core.config import REPConfig
+from rep_easyedit.core.keys import (collect_keys, collect_keys_flat, collect_keys_per_text, length_buckets,
+                                    subject_last_index, subject_last_indices)
+from rep_easyedit.core.pathway import get_module, pathway_installed
+from rep_easyedit.core.perturbations import build_perturbations
+from rep_easyedit.core.training import TrainingKeys, aggregation_loss, train_adapter
+from rep_easyedit.rep_main import _variant_texts, gather_training_keys, training_variants
+
+PATH = "model.layers.2.mlp.down_proj"
+TEXTS = ["The Eiffel Tower is in", "Hello", "A much longer text that goes on and on about nothing "
+         "in particular, for quite a few tokens, so that it lands in its own bucket.",
+         "Ferrari F355 is produced by", "x", "Paris is the capital of France, which lies in Europe",
+         "Toyota Celica is created by", "Q"]
+REQ = {"prompt": "Ferrari F355 is produced by", "subject": "Ferrari F355", "target_new": "BMW",
+       "case_id": 1, "subject_rephrase": ["The F355", "F355 by Ferrari", "Ferrari's F355", "F355"]}
+CORPUS = ["Some unrelated corpus text about rivers and mountains and the sea. " * 3,
+          "Another span: cooking pasta takes water, salt and patience, and a pot. " * 2,
+          "A third one, short.", "And a fourth span about trains and stations."]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_cover_every_text_once_and_respect_the_budget():
+    lengths = [3, 50, 4, 4, 200, 7, 3, 51]
+    batches = length_buckets(lengths, token_budget=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 64
+
+
+@pytest.mark.parametrize("budget", [16, 64, 8192])
+def test_bucketed_collection_equals_per_text(tiny_model, tokenizer, budget):
+    positions = [0, 0, 5, 3, 0, 2, 4, 0]
+    ref_picked, ref_every = collect_keys_per_text(tiny_model, tokenizer, TEXTS, PATH, positions, all_tokens=True)
+    flat = collect_keys_flat(tiny_model, tokenizer, TEXTS, PATH, positions, all_tokens=True, token_budget=budget)
+    assert torch.allclose(flat.picked.cpu(), ref_picked, **TOL)
+    for got, want in zip(flat.per_text(), ref_every):
+        assert got.shape == want.shape and torch.allclose(got.cpu(), want, **TOL)
+    tokens_only = collect_keys_flat(tiny_model, tokenizer, TEXTS, PATH, None, all_tokens=True, token_budget=budget)
+    assert tokens_only.picked is None
+    assert torch.allclose(tokens_only.tokens.cpu(), torch.cat(ref_every), **TOL)  # every bucket kept
+    if budget == 16:
+        assert flat.stats.forwards > 1
+    assert flat.stats.tokens == sum(len(e) for e in ref_every) <= flat.stats.padded_tokens
+    picked, every = collect_keys(tiny_model, tokenizer, TEXTS, PATH, positions, all_tokens=True)
+    assert picked.device.type == "cpu" and torch.allclose(picked, ref_picked, **TOL)
+    assert len(every) == len(TEXTS)
+
+
+def test_batched_subject_positions_equal_per_text(tokenizer):
+    texts = ["Ferrari F355 is produced by", "The F355 is made by", "In Paris, Ferrari F355s are rare",
+             "Ferrari F355", " leading space Ferrari F355 ", "F355"]
+    ends = [12, 8, 22, 12, 28, 4]
+    got, _ = subject_last_indices(tokenizer, texts, ends)
+    assert got == [subject_last_index(tokenizer, t, e) for t, e in zip(texts, ends)]
+
+
+def _gather_per_text(model, tok, request, pert, template_groups, path, rep, corpus, rng):
+    """REP's training keys as they were gathered before the fast path (one key list per text)."""
+    templates = [t for group in template_groups for t in group]
+    variants = training_variants(request, pert, rep.train_on)
+    contexts = pert.long_in if "long" in rep.train_on else []
+    pos_texts = _variant_texts(request, variants, templates, contexts)
+    target_texts = _variant_texts(request, [request["subject"]], templates, [])
+    texts = [t for t, _ in pos_texts] + [t for t, _ in target_texts]
+    positions = [subject_last_index(tok, t, end) for t, end in pos_texts + target_texts]
+    picked, every = collect_keys_per_text(model, tok, texts, path, positions, all_tokens=True)
+    n_pos = len(pos_texts)
+    sizes = [len(g) for g in template_groups]
+    target = torch.stack([c.mean(0) for c in torch.split(picked[n_pos:], sizes)]).mean(0)
+    negatives = []
+    for i in range(n_pos):
+        keep = torch.ones(len(every[i]), dtype=torch.bool)
+        keep[positions[i]] = False
+        negatives.append(every[i][keep])
+    if rep.corpus_negative_texts and corpus:
+        negatives.extend(collect_keys_per_text(model, tok, corpus[: rep.corpus_negative_texts], path, None, True)[1])
+    negatives = torch.cat(negatives)
+    if rep.num_negatives and len(negatives) > rep.num_negatives:
+        idx = rng.choice(len(negatives), size=rep.num_negatives, replace=False)
+        negatives = negatives[torch.as_tensor(np.sort(idx))]
+    return TrainingKeys(positives=picked[:n_pos], negatives=negatives, target=target)
+
+
+@pytest.mark.parametrize("num_negatives", [0, 40])
+def test_training_keys_equal_the_per_text_gathering(tiny_model, tokenizer, tmp_path, num_negatives):
+    key_cache.clear_memory()
+    rep = REPConfig(n_shuffles=3, n_long_contexts=2, long_context_tokens=24, corpus_negative_texts=3,
+                    num_negatives=num_negatives)
+    pert = build_perturbations(dict(REQ), tokenizer, CORPUS, n_shuffles=3, n_long=2, long_tokens=24)
+    groups = [["{}", "Once upon a time. {}", "It was. {}"], ["Long ago in a land. {}", "{}"]]
+    args = (tiny_model, tokenizer, dict(REQ), pert, groups, PATH, rep, CORPUS)
+    want = _gather_per_text(*args, np.random.default_rng(3))
+    for cache_dir in (None, tmp_path, tmp_path):  # computed, computed and stored, from memory
+        got = gather_training_keys(*args, np.random.default_rng(3), negatives_cache=cache_dir)
+        assert torch.allclose(got.positives.cpu(), want.positives, **TOL)
+        assert torch.allclose(got.target.cpu(), want.target, **TOL)
+        assert got.negatives.shape == want.negatives.shape
+        assert torch.allclose(got.negatives.cpu(), want.negatives, **TOL)
+    assert got.collection["corpus_negatives"] == "memory"
+    key_cache.clear_memory()
+    got = gather_training_keys(*args, np.random.default_rng(3), negatives_cache=tmp_path)
+    assert got.collection["corpus_negatives"] == "disk"
+    assert torch.allclose(got.negatives.cpu(), want.negatives, **TOL)
+
+
+def _corpus_keys(model, tok, directory=None):
+    return key_cache.cached_token_keys(model, tok, CORPUS, PATH, collect_keys_flat, directory=directory)
+
+
+def test_negatives_cache_misses_when_weights_under_the_layer_change(tiny_model, tokenizer, tmp_path):
+    key_cache.clear_memory()
+    first, source = _corpus_keys(tiny_model, tokenizer, tmp_path)
+    assert source == "computed"
+    assert _corpus_keys(tiny_model, tokenizer, tmp_path)[1] == "memory"
+    # the edited module's own weight and the layers above it do not move its input
+    with torch.no_grad():
+        get_module(tiny_model, PATH).weight.add_(1.0)
+        tiny_model.model.layers[3].mlp.up_proj.weight.add_(1.0)
+    assert _corpus_keys(tiny_model, tokenizer, tmp_path)[1] == "memory"
+    # a weight under it does, also when written through `.data` (no version bump)
+    for change in (lambda: tiny_model.model.layers[1].mlp.down_proj.weight.add_(0.5),
+                   lambda: tiny_model.model.layers[2].mlp.up_proj.weight.data.mul_(1.5),
+                   lambda: tiny_model.model.layers[0].input_layernorm.weight.data.add_(0.25)):
+        with torch.no_grad():
+            change()
+        keys, source = _corpus_keys(tiny_model, tokenizer, tmp_path)
+        assert source == "computed"
+        fresh = collect_keys_flat(tiny_model, tokenizer, CORPUS, PATH, None, all_tokens=True)
+        assert torch.allclose(keys.tokens, fresh.tokens, **TOL)
+    # an adapter installed below the layer counts as a weight under it
+    adapter = GatedLowRankAdapter(tiny_model.config.intermediate_size, rank=4)
+    with pathway_installed(tiny_model, "model.layers.1.mlp.down_proj", adapter):
+        assert _corpus_keys(tiny_model, tokenizer, tmp_path)[1] == "computed"
+    # from disk in a fresh process (memory cleared), for an unchanged model
+    key_cache.clear_memory()
+    again, source = _corpus_keys(tiny_model, tokenizer, tmp_path)
+    assert source == "disk"
+    assert len(list((tmp_path / "model" / "rep_negatives").glob("*.pt"))) <= key_cache.MAX_FILES
+
+
+def test_negatives_cache_key_holds_the_corpus(tiny_model, tokenizer):
+    key_cache.clear_memory()
+    _corpus_keys(tiny_model, tokenizer)
+    keys, source = key_cache.cached_token_keys(tiny_model, tokenizer, CORPUS[:2], PATH, collect_keys_flat)
+    assert source == "computed" and len(keys.lengths) == 2
+
+
+def _train_unfused(adapter, keys, rep, steps):
+    """The training step before fusion, fixed steps."""
+    pos, neg, k_star = keys.positives, keys.negatives, keys.edit_keys()
+    opt = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=rep.lr)
+    adapter.train()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        agg = aggregation_loss(pos + adapter.delta(pos), keys, rep.aggregation, rep.aggregation_abs)
+        cons = adapter.delta(k_star).pow(2).sum(-1).mean() / k_star.pow(2).sum(-1).mean()
+        lp, ln = adapter.gate(pos).squeeze(-1), adapter.gate(neg).squeeze(-1)
+        gate = (torch.nn.functional.binary_cross_entropy_with_logits(lp, torch.ones_like(lp))
+                + torch.nn.functional.binary_cross_entropy_with_logits(ln, torch.zeros_like(ln)))
+        (agg + rep.alpha * cons + rep.gate_weight * gate).backward()
+        opt.step()
+
+
+def test_fused_training_equals_unfused():
+    torch.manual_seed(0)
+    dim = 48
+    target = torch.randn(dim)
+    keys = TrainingKeys(positives=target + 0.5 * torch.randn(12, dim), negatives=torch.randn(60, dim), target=target)
+    rep = REPConfig(adaptive_stop=False)
+    torch.manual_seed(1)
+    a = GatedLowRankAdapter(dim, rank=4, gate_ratio=0.25)
+    b = copy.deepcopy(a)
+    report = train_adapter(a, keys, rep, steps=40)
+    _train_unfused(b, keys, rep, 40)
+    assert report.steps == 40
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_collection_in_low_precision(tiny_model, tokenizer, dtype):
+    model = tiny_model.to(dtype)
+    flat = collect_keys_flat(model, tokenizer, TEXTS, PATH, [0] * len(TEXTS), all_tokens=True, token_budget=32)
+    assert flat.picked.dtype == torch.float32 and flat.tokens.dtype == torch.float32
+    ref, _ = collect_keys_per_text(model, tokenizer, TEXTS, PATH, [0] * len(TEXTS))
+    assert torch.allclose(flat.picked.cpu(), ref, rtol=2e-2, atol=2e-2)

@@ -14,10 +14,11 @@ from .registry import REP_NAMES, register_all
 
 FILES = Path(__file__).resolve().parent / "upstream_files"
 HPARAMS = Path(__file__).resolve().parents[2] / "hparams"
-# model files of ours whose name is upstream's too (`hparams/ROME/llama-7b.yaml` ...); the bundled
+# model files of ours whose name is upstream's too (`hparams/ROME/<model>.yaml`); the bundled
 # small models are this plugin's own and stay out
 HPARAMS_MODELS = ("llama-7b", "mistral-7b", "qwen2-7b")
-EXTRA = {"examples/REP.md": "REP.md", "examples/run_REP_editing.py": "run_REP_editing.py"}
+UPSTREAM_EXAMPLES = "examples"  # upstream's folder for each method's docs page and script
+EXTRA = {f"{UPSTREAM_EXAMPLES}/{name}": name for name in ("REP.md", "run_REP_editing.py")}
 
 
 def check_checkout(root: Path) -> Path:

@@ -26,10 +26,8 @@ if __name__ == "__main__":
     hparams = REPHyperParams.from_hparams(args.hparams_dir)
     editor = BaseEditor.from_hparams(hparams)
     # REP reads per-request fields (`subject_rephrase`, `case_id`) that `edit(prompts=...)` does
-    # not forward: pass the requests themselves
+    # not forward: hand the editor the requests themselves
     request = dict(REQUEST, portability={}, locality={})
-    metrics, edited_model, _ = editor.edit(
-        prompts=[REQUEST["prompt"]], target_new=[REQUEST["target_new"]],
-        requests=[request], sequential_edit=args.sequential_edit)
+    metrics, edited_model, _ = editor.edit_requests([request], sequential_edit=args.sequential_edit)
     print(json.dumps({"post": metrics[0]["post"], "rep": metrics[0]["requested_rewrite"]["rep"]["health"]},
                      indent=2, default=str))

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .model_loading import cache_dir
+from .cache import cache_dir
 
 PROMPTS = ("The", "In", "A", "It", "This", "When", "After", "There")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")

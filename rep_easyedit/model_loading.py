@@ -19,16 +19,8 @@ from typing import Callable
 
 import torch
 
+from .cache import cache_dir  # noqa: F401 - also imported from here
 from .core.devices import torch_device
-
-
-def cache_dir() -> Path:
-    """Where converted models, sampled corpora and covariance statistics live."""
-    root = os.environ.get("REP_EASYEDIT_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rep_easyedit"
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,26 @@ def tiny_hparams_dict(alg: str, tmp_path, **changes) -> dict:
         else:
             raw[key] = value
     return raw
+
+
+# -- which EasyEdit: `legacy_easyedit` / `upstream_easyedit` tests skip on the other one -------------
+
+def easyedit_is_upstream() -> bool:
+    """An upstream checkout restores through `editors.utils.restore_after_edit`; PyPI's has none."""
+    import importlib
+
+    import rep_easyedit  # noqa: F401 - imports the installed EasyEdit (stubs included)
+    try:
+        utils = importlib.import_module("easyeditor.editors.utils")
+    except ImportError:
+        return False
+    return callable(getattr(utils, "restore_after_edit", None))
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("upstream_easyedit") and not easyedit_is_upstream():
+        pytest.skip("needs an upstream EasyEdit checkout on PYTHONPATH (make test-upstream EASYEDIT=...)")
+    if item.get_closest_marker("legacy_easyedit") and easyedit_is_upstream():
+        pytest.skip("tests the PyPI easyeditor==0.0.1.dev0 (make test)")
+    if item.get_closest_marker("export_upstream") and not os.environ.get("EASYEDIT"):
+        pytest.skip("set EASYEDIT to an EasyEdit checkout (make test-upstream EASYEDIT=...)")

@@ -12,6 +12,11 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "data"
 TREE_DIRS = ("rep_easyedit/", "benchmarks/", "examples/", "hparams/", "tests/", "docs/", "data/")
 
 
+def _in_venv(path: Path) -> bool:
+    """Under `.venv` or `.venv-upstream` (`make test-upstream`): third-party files."""
+    return any(part.startswith(".venv") for part in path.relative_to(ROOT).parts)
+
+
 def anchor(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
@@ -55,7 +60,7 @@ def test_tree_paths_named_in_docs_exist(doc):
 def test_section_references_in_code_and_yaml_exist():
     """A section cited by name after README or docs/<name>.md, in code, YAML and docs, is a real heading."""
     files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".yaml", ".md", ".sh")
-             and ".venv" not in p.parts and "results" not in p.parts and p.is_file()]
+             and not _in_venv(p) and "results" not in p.parts and p.is_file()]
     bad = []
     for f in files:
         for doc, section in re.findall(r"(README(?:\.md)?|docs/\w+\.md)[ ,]+[\"']([^\"'\n]+)[\"']", f.read_text(encoding="utf-8")):
@@ -70,7 +75,7 @@ def test_files_named_in_code_yaml_and_docs_exist():
     stale names behind, as the probes did when they went to benchmarks/lab/)."""
     pattern = re.compile(r"(?<![\w/.])((?:%s)[\w/.\-]*\.(?:py|sh|yaml|md|json))\b" % "|".join(map(re.escape, TREE_DIRS)))
     files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".yaml", ".md", ".sh") and p.is_file()
-             and not {".venv", "results", ".git"} & set(p.parts)]
+             and not {"results", ".git"} & set(p.parts) and not _in_venv(p)]
     missing = sorted({f"{f.relative_to(ROOT)}: {m}" for f in files
                       for m in pattern.findall(f.read_text(encoding="utf-8"))
                       if not (ROOT / m).exists() and not (f.parent / m).exists()})

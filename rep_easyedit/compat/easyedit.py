@@ -177,6 +177,7 @@ def patch_editor() -> None:
                 self.hparams = hparams
             else:
                 original_init(self, hparams, *args, **kwargs)
+                _right_padding_for_rep(self, hparams)
 
     cls.__init__ = __init__
     for method_name in _ENTRY_POINTS:
@@ -202,6 +203,16 @@ def patch_editor() -> None:
             module._prepare_requests = _with_rep_fields(prepare, method=False)
     patch_batchable()
     cls.__rep_easyedit_patched__ = True
+
+
+def _right_padding_for_rep(editor, hparams) -> None:
+    """EasyEdit keeps right padding only for the names it lists (ROME, MEMIT, R-ROME, EMMET ...);
+    a model it loaded for a `REP-*` name gets left padding. REP's backends are on that list, and
+    REP evaluates as they do: right padding. A `(model, tokenizer)` pair is left as given."""
+    tok = getattr(editor, "tok", None)
+    if str(getattr(hparams, "alg_name", "")).startswith("REP-") and hasattr(tok, "padding_side") \
+            and isinstance(getattr(hparams, "model_name", None), str):
+        tok.padding_side = "right"
 
 
 # per-request inputs REP reads that old editors drop from `edit(**kwargs)`

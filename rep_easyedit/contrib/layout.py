@@ -16,8 +16,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]
 TARGET = "easyeditor/models/rep"
 
-_CORE = ("adapter", "config", "devices", "health", "keys", "merging", "pathway", "persistence",
-         "perturbations", "requests", "training")
+_CORE = ("adapter", "config", "devices", "health", "key_cache", "keys", "merging", "pathway",
+         "persistence", "perturbations", "requests", "training")
 # our module (relative to rep_easyedit/) -> its name in easyeditor/models/rep/
 MODULES = {**{f"core/{m}.py": f"{m}.py" for m in _CORE},
            "rep_main.py": "rep_main.py", "hparams.py": "rep_hparams.py", "backends.py": "backends.py",

@@ -24,6 +24,7 @@ duration of the calls that need it. Nothing here touches torch globally.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -399,12 +400,15 @@ _CACHE_KW_HELPER = "_rep_easyedit_cache_kwargs"
 _CACHE_OUT_HELPER = "_rep_easyedit_cache_of"
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_name(model_cls: type) -> str:
+    """Read once per model class: the generation loop asks at every token."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model, cache) -> dict:
     """`{"cache": cache}` where the model's forward takes `cache` (transformers >= 5.25), else the old name."""
-    import inspect
-
-    params = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return {_cache_kwarg_name(type(model)): cache}
 
 
 def cache_of(output):

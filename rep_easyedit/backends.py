@@ -68,6 +68,7 @@ _SPECS = {
     "R-ROME": ("R_ROMEHyperParams", _length_param_templates("R-ROME"), 1),
     "MEMIT": ("MEMITHyperParams", _grouped_templates("MEMIT"), None),
     "EMMET": ("EMMETHyperParams", _grouped_templates("EMMET"), None),
+    "AlphaEdit": ("AlphaEditHyperParams", _grouped_templates("AlphaEdit"), None),
 }
 
 

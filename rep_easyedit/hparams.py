@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .core.config import REPConfig
 
 REP_PREFIX = "REP-"
-SUPPORTED_BACKENDS = ("ROME", "MEMIT", "R-ROME", "EMMET")
+SUPPORTED_BACKENDS = ("ROME", "MEMIT", "R-ROME", "EMMET", "AlphaEdit")
 
 
 class HParamsError(ValueError):

@@ -2,8 +2,9 @@
 
 - `R-ROME` (Gupta et al. 2024, "Rebuilding ROME"): `r_rome.py`
 - `EMMET` (Gupta et al. 2024, "A Unified Framework for Model Editing"): `emmet.py`
+- `AlphaEdit` (Fang et al. 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing"): `alphaedit.py`
 
-The PyPI release `easyeditor==0.0.1.dev0` has neither; upstream EasyEdit has both, and there its
+The PyPI release `easyeditor==0.0.1.dev0` has none of them; upstream EasyEdit has all three, and there its
 own implementations are used. `register_missing_backends()` adds ours to EasyEdit's `ALG_DICT`
 only where the installed EasyEdit lacks the name. The hparams classes are exported here because
 `rep_easyedit.backends` looks a backend's hparams class up in the package of its apply function.
@@ -11,6 +12,7 @@ only where the installed EasyEdit lacks the name. The hparams classes are export
 
 from __future__ import annotations
 
+from .alphaedit import AlphaEditHyperParams, apply_AlphaEdit_to_model, execute_alphaedit
 from .emmet import EMMETHyperParams, apply_emmet_to_model, execute_emmet
 from .common import clear_second_moment_cache, seed_second_moment
 from .r_rome import R_ROMEHyperParams, apply_r_rome_to_model, execute_r_rome
@@ -18,13 +20,14 @@ from .r_rome import R_ROMEHyperParams, apply_r_rome_to_model, execute_r_rome
 BACKENDS = {
     "R-ROME": (apply_r_rome_to_model, R_ROMEHyperParams),
     "EMMET": (apply_emmet_to_model, EMMETHyperParams),
+    "AlphaEdit": (apply_AlphaEdit_to_model, AlphaEditHyperParams),
 }
 
 
 def register_missing_backends() -> list[str]:
-    """Register R-ROME / EMMET in EasyEdit's ALG_DICT where the installed EasyEdit lacks them.
+    """Register R-ROME / EMMET / AlphaEdit in EasyEdit's ALG_DICT where the installed EasyEdit lacks them.
 
-    Returns the names registered by this call (empty when EasyEdit already has both).
+    Returns the names registered by this call (empty when EasyEdit already has all).
     """
     from ..compat.easyedit import installed_algorithm, register_algorithm
 
@@ -37,7 +40,8 @@ def register_missing_backends() -> list[str]:
 
 
 __all__ = [
-    "R_ROMEHyperParams", "EMMETHyperParams", "apply_r_rome_to_model", "apply_emmet_to_model",
+    "R_ROMEHyperParams", "EMMETHyperParams", "AlphaEditHyperParams", "apply_AlphaEdit_to_model",
+    "execute_alphaedit", "apply_r_rome_to_model", "apply_emmet_to_model",
     "execute_r_rome", "execute_emmet", "register_missing_backends", "seed_second_moment",
     "clear_second_moment_cache", "BACKENDS",
 ]

@@ -238,6 +238,12 @@ def seed_second_moment(model, hparams, layer: int, mom2: torch.Tensor) -> None:
     _MOM2_CACHE.setdefault(model, {})[_mom2_key(hparams, layer_name)] = mom2.detach().float().cpu()
 
 
+def seeded_second_moment(model, hparams, layer: int) -> Optional[torch.Tensor]:
+    """The second moment given by `seed_second_moment` (or computed before), else None."""
+    layer_name = hparams.rewrite_module_tmp.format(layer)
+    return _MOM2_CACHE.get(model, {}).get(_mom2_key(hparams, layer_name))
+
+
 def clear_second_moment_cache(model=None) -> None:
     if model is None:
         _MOM2_CACHE.clear()

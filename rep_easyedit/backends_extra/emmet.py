@@ -47,8 +47,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..post_mlp_norm import mlp_residual
 from . import common as _c
+from .layered import LayerUpdate, apply_updates, execute_layered, get_context_templates
 
 LOG = logging.getLogger(__name__)
 
@@ -103,16 +103,6 @@ class EMMETHyperParams:
         return _c.load_hparams_yaml(cls, hparams_name_or_path, ALG_NAME)
 
 
-def get_context_templates(model, tok) -> List[List[str]]:
-    """MEMIT's grouped random-prefix templates ([["{}"], [five prefixes]]), from the installed MEMIT."""
-    from ..compat.easyedit import shims_applied
-
-    memit_main = _c.easyedit_module("models.memit.memit_main")
-    with shims_applied():
-        return [list(g) if not isinstance(g, str) else [g]
-                for g in memit_main.get_context_templates(model, tok)]
-
-
 def emmet_update(residual: torch.Tensor, keys: torch.Tensor, c0: Optional[torch.Tensor],
                  emmet_lambda: float) -> torch.Tensor:
     """Δ = R (λI + Kᵀ C0⁻¹ K)⁻¹ (C0⁻¹ K)ᵀ.  residual (out, B), keys (in, B), c0 (in, in) or None (= I)."""
@@ -144,95 +134,27 @@ def preservation_matrix(model, tok, hparams, layer: int, dim: int, device, dtype
     return None if w_mom2 + mu == 1.0 else (w_mom2 + mu) * eye
 
 
-@dataclass
-class EMMETUpdate:
-    layer: int
-    weight_name: str
-    keys: torch.Tensor       # K_E (in, B)
-    values: torch.Tensor     # V_E (out, B) = W K_E + b + R, with W before this layer's update
-    residual: torch.Tensor   # R (out, B)
-    delta: torch.Tensor      # (out, in)
-    objective: Optional[dict] = None
-
-
-def batch_keys(model, tok, requests: List[dict], hparams, layer: int, groups) -> torch.Tensor:
-    """K_E as (in, B): MEMIT's compute_ks for subject_* fact tokens, ROME's repr_tools for 'last'."""
-    if hparams.fact_token.startswith("subject_"):
-        compute_ks = _c.easyedit_module("models.memit.compute_ks")
-        ks = compute_ks.compute_ks(model, tok, requests, hparams, layer, groups)
-        return ks.float().T
-    return torch.stack([_c.average_key(model, tok, r, hparams, layer, groups) for r in requests], 1)
-
-
-def _layer_outputs(model, tok, requests, hparams, layer: int) -> torch.Tensor:
-    """Residual stream (decoder layer output) at each request's fact token, unprefixed: (hidden, B)."""
-    out = _c.reprs_at_fact_token(model, tok, [r["prompt"] for r in requests],
-                                 [r["subject"] for r in requests], layer,
-                                 hparams.layer_module_tmp, hparams.fact_token, track="out")
-    return out.float().T
-
-
-def execute_emmet(model, tok, requests, hparams, context_templates=None) -> Dict[str, EMMETUpdate]:
+def execute_emmet(model, tok, requests, hparams, context_templates=None) -> Dict[str, LayerUpdate]:
     """Compute the EMMET update(s) for a batch of requests; the model is left unchanged."""
-    requests = [_c.normalise_request(r) for r in _c.as_request_list(requests)]
-    if not requests:
-        raise ValueError("EMMET: no requests")
-    layers = list(hparams.layers)
-    if not layers:
-        raise ValueError("EMMET: hparams.layers is empty")
-    if context_templates is None:
-        context_templates = get_context_templates(model, tok)
-    groups = _c.template_groups(context_templates)
-    flat = _c.flat_templates(groups)
     lam = float(hparams.emmet_lambda)
     if lam < 0:
         raise ValueError(f"emmet_lambda must be >= 0, got {lam}")
 
-    updates: Dict[str, EMMETUpdate] = {}
-    originals: Dict[str, tuple] = {}
-    try:
-        with _c.legacy_context(tok):
-            z_layer = layers[-1]
-            # the value optimisation, once per request, at the last edited layer
-            shifts = []
-            for r in requests:
-                v_star, _k_p, out_p = _c.rome_value(model, tok, r, hparams, z_layer, flat)
-                shifts.append(v_star - out_p)
-            shifts = torch.stack(shifts, 1)                       # D: (out, B)
-            z = _layer_outputs(model, tok, requests, hparams, z_layer) + shifts if len(layers) > 1 else None
+    def rule(layer, w, keys, residual):
+        dev, dt = keys.device, keys.dtype
+        c0 = preservation_matrix(model, tok, hparams, layer, keys.shape[0], dev, dt)
+        delta = emmet_update(residual, keys, c0, lam)
+        objective = None
+        if getattr(hparams, "calculate_objective_value", False):
+            c = c0 if c0 is not None else torch.eye(keys.shape[0], dtype=dt, device=dev)
+            objective = {
+                "preservation": torch.sum((delta @ c) * delta).item(),   # tr(Δ C0 Δᵀ)
+                "memorization": (residual - delta @ keys).norm().item(),  # ‖W'K_E − V_E‖
+            }
+            LOG.info("EMMET layer %d objective: %s", layer, objective)
+        return delta, objective
 
-            for i, layer in enumerate(layers):
-                w = _c.edited_weight(model, hparams, layer)
-                originals.setdefault(w.name, (w, w.param.detach().clone()))
-                dev = w.param.device
-                dt = _c.linalg_dtype(dev)
-                keys = batch_keys(model, tok, requests, hparams, layer, groups).to(device=dev, dtype=dt)
-                if len(layers) == 1:
-                    residual = shifts.to(device=dev, dtype=dt)
-                else:
-                    cur = _layer_outputs(model, tok, requests, hparams, z_layer)
-                    share = ((z - cur) / (len(layers) - i)).to(device=dev, dtype=dt)
-                    residual = mlp_residual(model, hparams, layer, keys, share)
-                values = w.output(keys) + residual
-                c0 = preservation_matrix(model, tok, hparams, layer, keys.shape[0], dev, dt)
-                delta = emmet_update(residual, keys, c0, lam)
-                objective = None
-                if getattr(hparams, "calculate_objective_value", False):
-                    c = c0 if c0 is not None else torch.eye(keys.shape[0], dtype=dt, device=dev)
-                    objective = {
-                        "preservation": torch.sum((delta @ c) * delta).item(),   # tr(Δ C0 Δᵀ)
-                        "memorization": (residual - delta @ keys).norm().item(),  # ‖W'K_E − V_E‖
-                    }
-                    LOG.info("EMMET layer %d objective: %s", layer, objective)
-                LOG.info("EMMET layer %d: %d edits, |R|=%.4g |delta|=%.4g", layer, keys.shape[1],
-                         residual.norm().item(), delta.norm().item())
-                _c.add_update(w, delta)
-                updates[w.name] = EMMETUpdate(layer, w.name, keys, values, residual, delta, objective)
-    finally:
-        with torch.no_grad():
-            for w, orig in originals.values():
-                w.param.copy_(orig)
-    return updates
+    return execute_layered(model, tok, requests, hparams, rule, ALG_NAME, context_templates)
 
 
 def apply_emmet_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
@@ -247,10 +169,4 @@ def apply_emmet_to_model(model, tok, requests, hparams, copy=False, return_orig_
         model = _copy.deepcopy(model)
     updates = execute_emmet(model, tok, requests, hparams,
                             context_templates=kwargs.get("context_templates"))
-    weights_copy = {}
-    for name, upd in updates.items():
-        w = _c.edited_weight(model, hparams, upd.layer)
-        if return_orig_weights and name not in weights_copy:
-            weights_copy[name] = w.param.detach().clone()
-        _c.add_update(w, upd.delta)
-    return model, weights_copy
+    return model, apply_updates(model, hparams, updates, return_orig_weights)

@@ -252,7 +252,7 @@ def _add_rep_fields(requests, kwargs):
 
 # methods that take several requests per `apply_X_to_model` call; the editor's own list decides
 # for everything else
-BATCHABLE_NAMES = ("REP-MEMIT", "REP-EMMET", "EMMET")
+BATCHABLE_NAMES = ("REP-MEMIT", "REP-EMMET", "EMMET", "REP-AlphaEdit", "AlphaEdit")
 
 
 def _batch_editor_class():

@@ -1,0 +1,62 @@
+"""benchmarks/lifelong.py resumes a run exactly: edited weights, REP pathway and AlphaEdit's
+cumulative term come back as they were saved."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from test_alphaedit import alphaedit_hp, low_rank_moment
+from test_backends_extra import GROUPED, LAYER, REQUESTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lifelong():
+    spec = importlib.util.spec_from_file_location("lifelong", ROOT / "benchmarks" / "lifelong.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_state_round_trip(tiny_model, tokenizer, tmp_path):
+    from rep_easyedit.backends_extra import apply_AlphaEdit_to_model, clear_second_moment_cache, seed_second_moment
+    from rep_easyedit.backends_extra.alphaedit import edited_keys, reset_history
+    from rep_easyedit.backends_extra.common import edited_weight
+    from rep_easyedit.core.adapter import GatedLowRankAdapter
+    from rep_easyedit.core.pathway import install, installed_paths, remove_pathways
+
+    lifelong = _lifelong()
+    model, hp = tiny_model, alphaedit_hp()
+    seed_second_moment(model, hp, LAYER, low_rank_moment(40)[0])
+    try:
+        _, copy = apply_AlphaEdit_to_model(model, tokenizer, REQUESTS[:2], hp, return_orig_weights=True,
+                                           context_templates=GROUPED)
+        path = hp.rewrite_module_tmp.format(LAYER)
+        torch.manual_seed(0)
+        adapter = GatedLowRankAdapter(128, rank=4)
+        torch.nn.init.normal_(adapter.up.weight)
+        install(model, path, adapter)
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        w = edited_weight(model, hp, LAYER)
+        keys = edited_keys(model, w)
+        lifelong._save_state(model, tmp_path / "state", sorted(copy))
+
+        # a fresh start: unedited weights, no pathway, no cumulative term
+        remove_pathways(model)
+        reset_history(model)
+        with torch.no_grad():
+            for name, value in copy.items():
+                model.get_parameter(name).copy_(value)
+        lifelong._load_state(model, tmp_path / "state")
+
+        assert installed_paths(model) == [path]
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+        (k_back,) = edited_keys(model, w)
+        assert torch.equal(k_back, keys[0])
+    finally:
+        clear_second_moment_cache(model)
+        reset_history(model)

@@ -25,7 +25,7 @@ from .core.key_cache import cached_token_keys
 from .core.keys import collect_keys_flat, subject_last_index, subject_last_indices
 from .core.devices import padding_side
 from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
-from .core.perturbations import Perturbations, build_perturbations, with_context, with_subject
+from .core.perturbations import Perturbations, build_perturbations, sibling_subjects, with_context, with_subject
 from .core.requests import validate_requests
 from .core.training import TrainingKeys, train_adapter
 
@@ -134,9 +134,11 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     contexts = pert.long_in if "long" in rep.train_on else []
     pos_texts = _variant_texts(request, variants, templates, contexts)
     target_texts = _variant_texts(request, [request["subject"]], templates, [])
+    siblings = sibling_subjects(request["subject"], corpus, rep.sibling_negatives, rng, exclude=variants)
+    sibling_texts = _variant_texts(request, siblings, templates[:1], []) if siblings else []
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
-    for pair in pos_texts + target_texts:
+    for pair in pos_texts + target_texts + sibling_texts:
         if pair not in slot:
             slot[pair] = len(unique)
             unique.append(pair)
@@ -190,6 +192,8 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         if len(mine):
             parts.append(tokens[rows[mine].to(tokens.device)].to(device))
         offset += len(rows)
+    if sibling_texts:  # hard negatives: all of them, not a sample
+        parts.append(flat.picked[torch.tensor([slot[p] for p in sibling_texts], dtype=torch.long).to(device)])
     negatives = torch.cat(parts) if parts else positives[:0]
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,

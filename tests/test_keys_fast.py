@@ -4,6 +4,7 @@ gathering they replaced, the corpus-negatives cache (hits, and misses when weigh
 change), and the fused training step vs the unfused one."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -197,3 +198,29 @@ def test_fast_collection_in_low_precision(tiny_model, tokenizer, dtype):
     assert flat.picked.dtype == torch.float32 and flat.tokens.dtype == torch.float32
     ref, _ = collect_keys_per_text(model, tokenizer, TEXTS, PATH, [0] * len(TEXTS))
     assert torch.allclose(flat.picked.cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_sibling_negatives_are_the_siblings_subject_keys(tiny_model, tokenizer):
+    """`rep.sibling_negatives`: names sharing the subject's leading words join the negatives, each
+    at its own last token, every one of them (not a sample); 0 leaves the keys as they were."""
+    from rep_easyedit.core.perturbations import sibling_subjects
+
+    key_cache.clear_memory()
+    corpus = CORPUS + ["Maranello Review and Modena Gazette met Enzo at Fiorano."]
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    pert = build_perturbations(dict(REQ), tokenizer, corpus, n_shuffles=3, n_long=0, long_tokens=24)
+    groups = [["{}", "Once upon a time. {}"]]
+    args = (tiny_model, tokenizer, dict(REQ), pert, groups, PATH)
+    plain = gather_training_keys(*args, base, corpus, np.random.default_rng(3))
+    hard = gather_training_keys(*args, dataclasses.replace(base, sibling_negatives=4), corpus,
+                                np.random.default_rng(3))
+    siblings = sibling_subjects(REQ["subject"], corpus, 4, np.random.default_rng(3),
+                                exclude=training_variants(dict(REQ), pert, base.train_on))
+    assert len(siblings) == 4 and all(s.startswith("Ferrari ") and s != REQ["subject"] for s in siblings)
+    assert hard.negatives.shape[0] == plain.negatives.shape[0] + 4
+    texts = _variant_texts(dict(REQ), siblings, ["{}"], [])
+    want, _ = collect_keys_per_text(tiny_model, tokenizer, [t for t, _ in texts], PATH,
+                                    [subject_last_index(tokenizer, t, e) for t, e in texts], all_tokens=False)
+    assert torch.allclose(hard.negatives[-4:].cpu(), want, **TOL)
+    assert torch.allclose(hard.positives, plain.positives) and torch.allclose(hard.target, plain.target)
+    assert sibling_subjects("Toyota", corpus, 4, np.random.default_rng(0)) == []

@@ -30,24 +30,23 @@ def per_prompt_locality(model, tok, case, ref):
 
 @contextlib.contextmanager
 def pathway_off(model):
-    """Every adapter switched off (its `active` flag 0) for the block."""
+    """No adapter fires for the block: τ = 1 (a sigmoid never exceeds it). Switching adapters off
+    through `active` would make the pathway's hook take itself off the module for good."""
     from rep_easyedit.core.pathway import get_module, installed_paths, pathway_of
 
     adapters = [a for p in installed_paths(model) for a in pathway_of(get_module(model, p)).adapters]
-    saved = [a.active.detach().clone() for a in adapters]
+    saved = [a.tau for a in adapters]
     try:
-        with torch.no_grad():
-            for a in adapters:
-                a.active.fill_(0.0)
+        for a in adapters:
+            a.tau = 1.0
         yield
     finally:
-        with torch.no_grad():
-            for a, v in zip(adapters, saved):
-                a.active.copy_(v)
+        for a, tau in zip(adapters, saved):
+            a.tau = tau
 
 
 def max_gates(model, tok, prompts):
-    """Per prompt: the highest gate probability of any adapter at any token (None without a pathway)."""
+    """Per prompt: the highest gate probability of any adapter at any prompt token (None without a pathway)."""
     from rep_easyedit.core.pathway import get_module, installed_paths, pathway_of
 
     seen = []
@@ -58,7 +57,9 @@ def max_gates(model, tok, prompts):
             seen.append(max(a.gate_prob(keys).max().item() for a in adapters))
         return pre
 
-    handles = [get_module(model, p).register_forward_pre_hook(hook(list(pathway_of(get_module(model, p)).adapters)))
+    # prepended: the gates see the keys before the pathway changes them
+    handles = [get_module(model, p).register_forward_pre_hook(hook(list(pathway_of(get_module(model, p)).adapters)),
+                                                              prepend=True)
                for p in installed_paths(model)]
     out = []
     try:

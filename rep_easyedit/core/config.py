@@ -40,6 +40,7 @@ class REPConfig:
     strict: bool = False
     num_negatives: int = 1024      # gate negatives sampled per edit
     corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
+    sibling_negatives: int = 0     # names sharing the subject's leading words, as gate negatives (hard)
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value v* over the in-domain variant prompts as well
     # (ROME-style backends with a `compute_v`); see rep_easyedit/robust_value.py
@@ -71,7 +72,7 @@ class REPConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
-                     "num_negatives", "corpus_negative_texts"):
+                     "num_negatives", "corpus_negative_texts", "sibling_negatives"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -7,6 +7,7 @@ so the same case always gets the same perturbations, and they are stored with th
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 
@@ -103,6 +104,33 @@ def build_perturbations(request: dict, tok, corpus: list[str] | None, *, n_shuff
     longs = long_contexts(tok, corpus or [], n_long, long_tokens, rng) if n_long else []
     long_in, long_out = halves(longs)
     return Perturbations(seed, reph_in, reph_out, shuf_in, shuf_out, long_in, long_out)
+
+
+def sibling_subjects(subject: str, corpus: list[str], n: int, rng: np.random.Generator,
+                     exclude: list[str] = ()) -> list[str]:
+    """Names that share the subject's leading words but end otherwise ("Norwegian News Agency" ->
+    "Norwegian Review", "Norwegian News Station"): the gate's hard negatives. A neighbour that
+    shares the subject's first word ("Norwegian Computing Center") is where an untaught gate
+    fires. Replacement words are capitalised words of the corpus; none for a one-word subject.
+    """
+    words = subject.split()
+    if n <= 0 or len(words) < 2:
+        return []
+    pool = sorted({w for text in corpus for w in re.findall(r"\b[A-Z][a-z]{2,}\b", text)} - set(words))
+    if not pool:
+        return []
+    taken = {subject, *exclude}
+    out: list[str] = []
+    for _ in range(4 * n):
+        keep = int(rng.integers(1, len(words)))            # 1 .. len-1 leading words stay
+        tail = [pool[int(i)] for i in rng.integers(0, len(pool), size=int(rng.integers(1, 3)))]
+        name = " ".join(words[:keep] + tail)
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
+        if len(out) == n:
+            break
+    return out
 
 
 def with_subject(prompt: str, subject: str, variant: str) -> str:

@@ -1,0 +1,117 @@
+"""What the gate fires on, with no edit made: held-out variants (it should) and neighbours (it should not).
+
+REP's adapters are trained before the backend runs (`fit_after_update: false`), on the unedited
+model, so the gate's reach can be read without the backend's edit (the slow part). For each case
+and each `rep` setting: the adapters are fitted as a REP-<ALG> edit fits them, and
+
+- `out_fire`: share of the held-out rephrased and shuffled subjects (in the edit prompt) whose
+  subject-last-token key fires a gate (τ) — what robustness out of domain needs;
+- `in_fire`: the same for the trained variants;
+- `neighbour_fire`: share of the case's locality prompts on which any token fires a gate — a
+  neighbour the pathway touches, where locality can be lost (the locality prompts are only read
+  here, never trained on).
+
+    OMP_NUM_THREADS=1 python benchmarks/lab/probe_gate.py --cases 0-49 --set sibling_negatives=0 \
+        --set sibling_negatives=8 --out benchmarks/results/probe_gate/smollm2.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fires_at(model, tok, path, adapters, texts, positions):
+    """Per text: does any adapter's gate exceed τ at `positions[i]` (None: at any token)?"""
+    from rep_easyedit.core.keys import collect_keys_flat
+
+    flat = collect_keys_flat(model, tok, texts, path, None, all_tokens=True)
+    out = []
+    for keys, pos in zip(flat.per_text(), positions):
+        keys = keys if pos is None else keys[pos:pos + 1]
+        out.append(any(bool((a.gate_prob(keys) > a.tau).any()) for a in adapters))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--alg", default="REP-ROME")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=None, help="default: the model's CounterFact dev set")
+    ap.add_argument("--cases", default="0-19", help="range a-b of dev indices")
+    ap.add_argument("--set", action="append", default=[], help="rep field=value; one setting per --set "
+                                                              "(comma-separated fields within one)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import rep_easyedit  # noqa: F401
+    from rep_easyedit.backends import get_backend, templates_keyed_by_model
+    from rep_easyedit.compat.easyedit import shims_applied
+    from rep_easyedit.core.devices import padding_side
+    from rep_easyedit.core.keys import subject_last_indices
+    from rep_easyedit.core.perturbations import build_perturbations, with_subject
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.editing import load_hparams
+    from rep_easyedit.eval.runner import edit_request
+    from rep_easyedit.model_loading import load_model_and_tokenizer
+    from rep_easyedit.rep_main import edited_module_paths, fit_adapters
+
+    hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
+    data = args.data or str(ROOT / f"data/counterfact_{args.model.split('-')[0]}_dev.json")
+    a, b = (int(x) for x in args.cases.split("-"))
+    records = json.loads(Path(data).read_text())[a:b + 1]
+    model, tok = load_model_and_tokenizer(hp.model_name)
+    backend = get_backend(hp.backend_name)
+    base_hp = hp.backend_hparams(backend)
+    paths = edited_module_paths(model, base_hp)
+    settings = [dict(kv.split("=", 1) for kv in s.split(",")) for s in args.set] or [{}]
+    corpus = load_corpus(hp.rep.corpus, model, tok, seed=hp.rep.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["case_id"], json.dumps(r["set"], sort_keys=True))
+            for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+
+    with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
+        templates = backend.context_templates(model, tok, base_hp)
+        for idx, record in zip(range(a, b + 1), records):
+            request = edit_request(record)
+            prompt = request["prompt"]
+            for setting in settings:
+                key = (record["case_id"], json.dumps(setting, sort_keys=True))
+                if key in done:
+                    continue
+                rep = dataclasses.replace(hp.rep, **{k: type(getattr(hp.rep, k))(v) for k, v in setting.items()})
+                pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles,
+                                           n_long=rep.n_long_contexts, long_tokens=rep.long_context_tokens,
+                                           base_seed=rep.seed)
+                fitted = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus,
+                                      negatives_cache=getattr(base_hp, "stats_dir", None))
+                row = {"index": idx, "case_id": record["case_id"], "set": setting}
+                for path, adapter, report in fitted:
+                    adapter.eval()
+                    groups = {"in_fire": pert.rephrase_in + pert.shuffle_in,
+                              "out_fire": pert.rephrase_out + pert.shuffle_out}
+                    for name, variants in groups.items():
+                        texts = [with_subject(prompt, request["subject"], v) for v in variants]
+                        start = prompt.index(request["subject"])
+                        positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
+                        fired = fires_at(model, tok, path, [adapter], texts, positions)
+                        row.setdefault(name, []).append(float(np.mean(fired)) if fired else None)
+                    neighbours = [p for p in record.get("locality_prompt") or []]
+                    fired = fires_at(model, tok, path, [adapter], neighbours, [None] * len(neighbours))
+                    row.setdefault("neighbour_fire", []).append(float(np.mean(fired)) if fired else None)
+                    row.setdefault("steps", []).append(report.steps)
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

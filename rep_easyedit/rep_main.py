@@ -111,6 +111,11 @@ def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -
     return list(dict.fromkeys(variants))
 
 
+def sibling_rng(pert: Perturbations) -> np.random.Generator:
+    """The siblings' own stream (per case), so drawing them leaves the sampled negatives alone."""
+    return np.random.default_rng([pert.seed, 1])
+
+
 def gather_training_keys(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                          path: str, rep, corpus: list[str], rng: np.random.Generator,
                          negatives_cache: str | None = None, cache_negatives: bool = True) -> TrainingKeys:
@@ -134,7 +139,8 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     contexts = pert.long_in if "long" in rep.train_on else []
     pos_texts = _variant_texts(request, variants, templates, contexts)
     target_texts = _variant_texts(request, [request["subject"]], templates, [])
-    siblings = sibling_subjects(request["subject"], corpus, rep.sibling_negatives, rng, exclude=variants)
+    siblings = sibling_subjects(request["subject"], corpus, rep.sibling_negatives, sibling_rng(pert),
+                                exclude=variants)
     sibling_texts = _variant_texts(request, siblings, templates[:1], []) if siblings else []
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
@@ -192,13 +198,14 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         if len(mine):
             parts.append(tokens[rows[mine].to(tokens.device)].to(device))
         offset += len(rows)
-    if sibling_texts:  # hard negatives: all of them, not a sample
-        parts.append(flat.picked[torch.tensor([slot[p] for p in sibling_texts], dtype=torch.long).to(device)])
     negatives = torch.cat(parts) if parts else positives[:0]
+    hard = flat.picked[torch.tensor([slot[p] for p in sibling_texts], dtype=torch.long).to(device)] \
+        if sibling_texts else None
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
                   "corpus_negatives": corpus_source or "none"}
-    return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection)
+    return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection,
+                        hard_negatives=hard)
 
 
 def _model_name(model) -> str:

@@ -18,7 +18,7 @@ from rep_easyedit.core.keys import (collect_keys, collect_keys_flat, collect_key
 from rep_easyedit.core.pathway import get_module, pathway_installed
 from rep_easyedit.core.perturbations import build_perturbations
 from rep_easyedit.core.training import TrainingKeys, aggregation_loss, train_adapter
-from rep_easyedit.rep_main import _variant_texts, gather_training_keys, training_variants
+from rep_easyedit.rep_main import _variant_texts, gather_training_keys, sibling_rng, training_variants
 
 PATH = "model.layers.2.mlp.down_proj"
 TEXTS = ["The Eiffel Tower is in", "Hello", "A much longer text that goes on and on about nothing "
@@ -201,8 +201,9 @@ def test_fast_collection_in_low_precision(tiny_model, tokenizer, dtype):
 
 
 def test_sibling_negatives_are_the_siblings_subject_keys(tiny_model, tokenizer):
-    """`rep.sibling_negatives`: names sharing the subject's leading words join the negatives, each
-    at its own last token, every one of them (not a sample); 0 leaves the keys as they were."""
+    """`rep.sibling_negatives`: the subject's leading words alone and names sharing them are hard
+    negatives, each keyed at its own last token, every one of them (not a sample), beside the
+    sampled negatives; 0 leaves the keys as they were."""
     from rep_easyedit.core.perturbations import sibling_subjects
 
     key_cache.clear_memory()
@@ -214,13 +215,39 @@ def test_sibling_negatives_are_the_siblings_subject_keys(tiny_model, tokenizer):
     plain = gather_training_keys(*args, base, corpus, np.random.default_rng(3))
     hard = gather_training_keys(*args, dataclasses.replace(base, sibling_negatives=4), corpus,
                                 np.random.default_rng(3))
-    siblings = sibling_subjects(REQ["subject"], corpus, 4, np.random.default_rng(3),
+    siblings = sibling_subjects(REQ["subject"], corpus, 4, sibling_rng(pert),
                                 exclude=training_variants(dict(REQ), pert, base.train_on))
-    assert len(siblings) == 4 and all(s.startswith("Ferrari ") and s != REQ["subject"] for s in siblings)
-    assert hard.negatives.shape[0] == plain.negatives.shape[0] + 4
+    assert siblings[0] == "Ferrari" and len(siblings) == 5   # the leading word, then 4 names
+    assert all(s.startswith("Ferrari ") and s != REQ["subject"] for s in siblings[1:])
+    assert plain.hard_negatives is None and torch.allclose(hard.negatives, plain.negatives, **TOL)
     texts = _variant_texts(dict(REQ), siblings, ["{}"], [])
     want, _ = collect_keys_per_text(tiny_model, tokenizer, [t for t, _ in texts], PATH,
                                     [subject_last_index(tokenizer, t, e) for t, e in texts], all_tokens=False)
-    assert torch.allclose(hard.negatives[-4:].cpu(), want, **TOL)
+    assert torch.allclose(hard.hard_negatives.cpu(), want, **TOL)
+    # causal: the leading word's key is the key a neighbour starting with that word has there
+    at = subject_last_index(tokenizer, "Ferrari Testarossa is made by", len("Ferrari"))
+    assert at == subject_last_index(tokenizer, texts[0][0], texts[0][1])
+    neighbour, _ = collect_keys_per_text(tiny_model, tokenizer, ["Ferrari Testarossa is made by"], PATH, [at],
+                                         all_tokens=False)
+    assert torch.allclose(hard.hard_negatives[0].cpu(), neighbour[0], **TOL)
     assert torch.allclose(hard.positives, plain.positives) and torch.allclose(hard.target, plain.target)
     assert sibling_subjects("Toyota", corpus, 4, np.random.default_rng(0)) == []
+
+
+def test_hard_negatives_are_trained_off(tiny_model, tokenizer):
+    """A hard negative placed among the positives' keys stops firing once it is a group of its own."""
+    torch.manual_seed(0)
+    pos = torch.randn(20, 128) + 2.0
+    neg = torch.randn(200, 128) - 2.0
+    hard = pos[:3] + 0.3 * torch.randn(3, 128)             # close to the positives
+    rep = REPConfig(rank=4, steps=300, adaptive_stop=False)
+    target = pos.mean(0)
+    fires = {}
+    for name, keys in (("plain", TrainingKeys(pos[3:], neg, target, hard_negatives=None)),
+                       ("hard", TrainingKeys(pos[3:], neg, target, hard_negatives=hard))):
+        torch.manual_seed(1)
+        adapter = GatedLowRankAdapter(128, rank=4)
+        report = train_adapter(adapter, keys, rep)
+        fires[name] = float((adapter.gate_prob(hard).squeeze(-1) > adapter.tau).float().mean())
+        assert report.gate_pos_fire > 0.9
+    assert fires["plain"] == 1.0 and fires["hard"] == 0.0 and report.gate_hard_fire == 0.0

@@ -66,12 +66,12 @@ def _robustness(model, tok, case, hparams, rep_cfg, corpus):
 
 
 ROBUST_CASES = (0, 1, 2)
-BACKENDS = ("ROME", "MEMIT", "R-ROME", "EMMET")
+BACKENDS = ("ROME", "MEMIT", "R-ROME", "EMMET", "AlphaEdit")
 
 
 @pytest.fixture(scope="session")
 def covariance_stats():
-    """MEMIT's and EMMET's key statistics (layers 2-4) from the offline corpus, built when missing,
+    """MEMIT's, EMMET's and AlphaEdit's key statistics (layers 2-4) from the offline corpus, built when missing,
     as a user builds them: `python -m rep_easyedit.stats --hparams hparams/MEMIT/smollm2-135m.yaml`."""
     from rep_easyedit.stats import main
 

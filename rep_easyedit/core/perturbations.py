@@ -108,10 +108,12 @@ def build_perturbations(request: dict, tok, corpus: list[str] | None, *, n_shuff
 
 def sibling_subjects(subject: str, corpus: list[str], n: int, rng: np.random.Generator,
                      exclude: list[str] = ()) -> list[str]:
-    """Names that share the subject's leading words but end otherwise ("Norwegian News Agency" ->
-    "Norwegian Review", "Norwegian News Station"): the gate's hard negatives. A neighbour that
-    shares the subject's first word ("Norwegian Computing Center") is where an untaught gate
-    fires. Replacement words are capitalised words of the corpus; none for a one-word subject.
+    """The gate's hard negatives: the subject's leading words alone ("Norwegian", "Norwegian News"),
+    then `n` names that share them but end otherwise ("Norwegian Review", "Norwegian News Station").
+    A neighbour sharing the subject's first word ("Toyota Corolla" for "Toyota FCHV") is where an
+    untaught gate fires: token shuffles teach it that "Toyota" can end the subject, and a causal
+    model gives the neighbour's "Toyota" the very key of the prompt's. Replacement words are
+    capitalised words of the corpus; none for a one-word subject.
     """
     words = subject.split()
     if n <= 0 or len(words) < 2:
@@ -121,6 +123,12 @@ def sibling_subjects(subject: str, corpus: list[str], n: int, rng: np.random.Gen
         return []
     taken = {subject, *exclude}
     out: list[str] = []
+    for keep in range(1, len(words)):
+        prefix = " ".join(words[:keep])
+        if prefix not in taken:
+            taken.add(prefix)
+            out.append(prefix)
+    n += len(out)
     for _ in range(4 * n):
         keep = int(rng.integers(1, len(words)))            # 1 .. len-1 leading words stay
         tail = [pool[int(i)] for i in rng.integers(0, len(pool), size=int(rng.integers(1, 3)))]

@@ -31,6 +31,7 @@ class TrainingKeys:
     target: torch.Tensor         # [D] the edit key k*, or [P, D]: each positive's own (merged adapters)
     target_whitened: torch.Tensor | None = None  # C⁻¹k* where covariance is used, shaped as target
     collection: dict | None = None  # what collecting them cost: texts, forwards, tokens, padded tokens
+    hard_negatives: torch.Tensor | None = None  # [H, D] negatives weighted as a group of their own
 
     def edit_keys(self) -> torch.Tensor:
         """[G, D]: the distinct edit keys, which the consistency loss keeps in place."""
@@ -49,6 +50,7 @@ class TrainingReport:
     activation: float      # mean (k̂_s·k*)/(k*·k*) over positives with the hard gate
     distance_before: float = 0.0  # mean ‖k_s − k*‖/‖k*‖ of the positives before training
     distance_after: float = 0.0   # the same with the trained adapter (hard gate)
+    gate_hard_fire: float | None = None  # share of hard negatives (rep.sibling_negatives) that fire
     seconds_keys: float = 0.0
     seconds_train: float = 0.0
     seconds_per_step: float = 0.0
@@ -102,6 +104,9 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     device = next(adapter.parameters()).device
     pos = keys.positives.to(device, torch.float32)
     neg = keys.negatives.to(device, torch.float32)
+    hard_neg = None if keys.hard_negatives is None or not len(keys.hard_negatives) \
+        else keys.hard_negatives.to(device, torch.float32)
+    n_neg = len(neg)
     target = TrainingKeys(pos, neg, keys.target.to(device, torch.float32),
                           None if keys.target_whitened is None else keys.target_whitened.to(device, torch.float32))
     k_star = target.edit_keys()
@@ -114,7 +119,8 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     delta_in = torch.cat([pos, k_star])
     k_star_norm = k_star.pow(2).sum(-1).mean()
     use_gate = rep.gate_weight > 0
-    gate_in = torch.cat([pos, neg]) if use_gate else None
+    gate_in = torch.cat([pos, neg] + ([hard_neg] if hard_neg is not None else [])) if use_gate else None
+    stop_neg = neg if hard_neg is None else torch.cat([neg, hard_neg])
     ones = torch.ones(n_pos, device=device)
     zeros = torch.zeros(len(neg), device=device)
     adapter.train()
@@ -129,8 +135,11 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         if use_gate:
             logits = adapter.gate(gate_in).squeeze(-1)
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
-            if len(neg):
-                gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:], zeros)
+            if n_neg:
+                gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:n_pos + n_neg], zeros)
+            if hard_neg is not None:  # a group as heavy as all other negatives together
+                gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos + n_neg:],
+                                                                 torch.zeros(len(hard_neg), device=device))
         else:
             gate = torch.zeros((), device=device)
         loss = agg + rep.alpha * cons + rep.gate_weight * gate
@@ -141,7 +150,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
             if rep.adaptive_stop and step >= max(rep.min_steps, STOP_CHECK_EVERY) and window_start is not None:
                 plateau = (window_start - now) <= rep.stop_plateau * abs(window_start)
                 if plateau:
-                    pos_fire, neg_fire = fire_shares(adapter, pos, neg)
+                    pos_fire, neg_fire = fire_shares(adapter, pos, stop_neg)
                     if pos_fire >= rep.stop_pos_fire and neg_fire <= rep.stop_neg_fire:
                         break
             window_start = now
@@ -152,10 +161,12 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     adapter.eval()
     loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
     pos_fire, neg_fire = fire_shares(adapter, pos, neg)
+    hard_fire = None if hard_neg is None else fire_shares(adapter, pos[:0], hard_neg)[1]
     with torch.no_grad():
         hard = adapter(pos, hard=True)
         activation = ((hard * target.target).sum(-1) / target.target.pow(2).sum(-1)).mean().item()
         distance_after = relative_distance(hard, target.target)
     return TrainingReport(
         steps=used, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
-        gate=gate.item(), gate_pos_fire=pos_fire, gate_neg_fire=neg_fire, activation=activation, distance_before=distance_before, distance_after=distance_after)
+        gate=gate.item(), gate_pos_fire=pos_fire, gate_neg_fire=neg_fire, activation=activation, distance_before=distance_before, distance_after=distance_after,
+        gate_hard_fire=hard_fire)

@@ -33,59 +33,27 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from . import common as _c
-from .layered import LayerUpdate, apply_updates, execute_layered, get_context_templates  # noqa: F401
+from .layered import (LayeredHyperParams, LayerUpdate, apply_updates, execute_layered,  # noqa: F401
+                      get_context_templates)  # the backend module's templates, looked up by name
 
 LOG = logging.getLogger(__name__)
 
 ALG_NAME = "AlphaEdit"
 
 
-@dataclass
-class AlphaEditHyperParams:
-    """Field names as in upstream EasyEdit's `AlphaEditHyperParams`."""
+@dataclass(kw_only=True)
+class AlphaEditHyperParams(LayeredHyperParams):
+    """Field names as in upstream EasyEdit's `AlphaEditHyperParams`: MEMIT's (`LayeredHyperParams`;
+    `mom2_adjustment` and `mom2_update_weight` are read but, as upstream, unused) and these."""
 
-    # Method
-    layers: List[int]
-    layer_selection: str          # "all" | "random" (upstream's field; every layer here is edited)
-    fact_token: str
-    v_num_grad_steps: int
-    v_lr: float
-    v_loss_layer: int
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    mom2_adjustment: bool         # read, unused (as upstream)
-    mom2_update_weight: float     # read, unused (as upstream)
-
-    # Module templates
-    rewrite_module_tmp: str
-    layer_module_tmp: str
-    mlp_module_tmp: str
-    attn_module_tmp: str
-    ln_f_module: str
-    lm_head_module: str
-
-    # Statistics
-    mom2_dataset: str
-    mom2_n_samples: int
-    mom2_dtype: str
     nullspace_threshold: float    # eigenvalues of E[k kᵀ] below it span the null space
     L2: float                     # α, the ridge term of the update
-    alg_name: str
-    device: Any
-    model_name: Any
-    stats_dir: str
     P_loc: Optional[str] = None   # a saved projector (layers × in × in) to read instead of computing
-
-    max_length: int = 40
-    batch_size: int = 1
-    model_parallel: bool = False
-    fp16: bool = False
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path) -> "AlphaEditHyperParams":

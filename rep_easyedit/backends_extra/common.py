@@ -311,6 +311,24 @@ def edited_weight(model, hparams, layer: int) -> EditedWeight:
     return EditedWeight(f"{module_name}.weight", param, bias, transposed)
 
 
+class _Originals(dict):
+    def remember(self, w: EditedWeight) -> None:
+        self.setdefault(w.name, (w, w.param.detach().clone()))
+
+
+@contextlib.contextmanager
+def weights_put_back() -> Iterator[_Originals]:
+    """A backend that edits as it goes (later layers see earlier updates) but must leave the
+    model unchanged: every weight it `remember`s is written back on exit, error or not."""
+    originals = _Originals()
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for w, orig in originals.values():
+                w.param.copy_(orig)
+
+
 def linalg_dtype(device: torch.device) -> torch.dtype:
     """float64 where the device has it (CPU, CUDA), else float32 (MPS)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64

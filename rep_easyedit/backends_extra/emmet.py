@@ -43,56 +43,22 @@ from __future__ import annotations
 import copy as _copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from . import common as _c
-from .layered import LayerUpdate, apply_updates, execute_layered, get_context_templates
+from .layered import (LayeredHyperParams, LayerUpdate, apply_updates, execute_layered,  # noqa: F401
+                      get_context_templates)  # the backend module's templates, looked up by name
 
 LOG = logging.getLogger(__name__)
 
 ALG_NAME = "EMMET"
 
 
-@dataclass
-class EMMETHyperParams:
-    """Field names as in upstream EasyEdit's `EMMETHyperParams`."""
-
-    # Method
-    layers: List[int]
-    layer_selection: str          # "all" | "random" (upstream's field; every layer here is edited)
-    fact_token: str
-    v_num_grad_steps: int
-    v_lr: float
-    v_loss_layer: int
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    mom2_adjustment: bool
-    mom2_update_weight: float
-
-    # Module templates
-    rewrite_module_tmp: str
-    layer_module_tmp: str
-    mlp_module_tmp: str
-    attn_module_tmp: str
-    ln_f_module: str
-    lm_head_module: str
-
-    # Statistics
-    mom2_dataset: str
-    mom2_n_samples: int
-    mom2_dtype: str
-    alg_name: str
-    device: Any
-    model_name: Any
-    stats_dir: str
-
-    max_length: int = 40
-    batch_size: int = 1
-    model_parallel: bool = False
-    fp16: bool = False
+@dataclass(kw_only=True)
+class EMMETHyperParams(LayeredHyperParams):
+    """Field names as in upstream EasyEdit's `EMMETHyperParams`: MEMIT's (`LayeredHyperParams`) and these."""
 
     calculate_objective_value: bool = False
     update_norm_lambda: float = 0.0

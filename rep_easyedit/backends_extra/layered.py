@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -28,6 +28,46 @@ from ..post_mlp_norm import mlp_residual
 from . import common as _c
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class LayeredHyperParams:
+    """The fields upstream EasyEdit's `EMMETHyperParams` and `AlphaEditHyperParams` share (MEMIT's)."""
+
+    # Method
+    layers: List[int]
+    layer_selection: str          # "all" | "random" (upstream's field; every layer here is edited)
+    fact_token: str
+    v_num_grad_steps: int
+    v_lr: float
+    v_loss_layer: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    mom2_adjustment: bool
+    mom2_update_weight: float
+
+    # Module templates
+    rewrite_module_tmp: str
+    layer_module_tmp: str
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+
+    # Statistics
+    mom2_dataset: str
+    mom2_n_samples: int
+    mom2_dtype: str
+    alg_name: str
+    device: Any
+    model_name: Any
+    stats_dir: str
+
+    max_length: int = 40
+    batch_size: int = 1
+    model_parallel: bool = False
+    fp16: bool = False
 
 
 @dataclass
@@ -87,40 +127,34 @@ def execute_layered(model, tok, requests, hparams, update_rule: UpdateRule, alg_
     flat = _c.flat_templates(groups)
 
     updates: Dict[str, LayerUpdate] = {}
-    originals: Dict[str, tuple] = {}
-    try:
-        with _c.legacy_context(tok):
-            z_layer = layers[-1]
-            # the value optimisation, once per request, at the last edited layer
-            shifts = []
-            for r in requests:
-                v_star, _k_p, out_p = _c.rome_value(model, tok, r, hparams, z_layer, flat)
-                shifts.append(v_star - out_p)
-            shifts = torch.stack(shifts, 1)                       # D: (out, B)
-            z = _layer_outputs(model, tok, requests, hparams, z_layer) + shifts if len(layers) > 1 else None
+    with _c.weights_put_back() as originals, _c.legacy_context(tok):
+        z_layer = layers[-1]
+        # the value optimisation, once per request, at the last edited layer
+        shifts = []
+        for r in requests:
+            v_star, _k_p, out_p = _c.rome_value(model, tok, r, hparams, z_layer, flat)
+            shifts.append(v_star - out_p)
+        shifts = torch.stack(shifts, 1)                       # D: (out, B)
+        z = _layer_outputs(model, tok, requests, hparams, z_layer) + shifts if len(layers) > 1 else None
 
-            for i, layer in enumerate(layers):
-                w = _c.edited_weight(model, hparams, layer)
-                originals.setdefault(w.name, (w, w.param.detach().clone()))
-                dev = w.param.device
-                dt = _c.linalg_dtype(dev)
-                keys = batch_keys(model, tok, requests, hparams, layer, groups).to(device=dev, dtype=dt)
-                if len(layers) == 1:
-                    residual = shifts.to(device=dev, dtype=dt)
-                else:
-                    cur = _layer_outputs(model, tok, requests, hparams, z_layer)
-                    share = ((z - cur) / (len(layers) - i)).to(device=dev, dtype=dt)
-                    residual = mlp_residual(model, hparams, layer, keys, share)
-                values = w.output(keys) + residual
-                delta, objective = update_rule(layer, w, keys, residual)
-                LOG.info("%s layer %d: %d edits, |R|=%.4g |delta|=%.4g", alg_name, layer,
-                         keys.shape[1], residual.norm().item(), delta.norm().item())
-                _c.add_update(w, delta)
-                updates[w.name] = LayerUpdate(layer, w.name, keys, values, residual, delta, objective)
-    finally:
-        with torch.no_grad():
-            for w, orig in originals.values():
-                w.param.copy_(orig)
+        for i, layer in enumerate(layers):
+            w = _c.edited_weight(model, hparams, layer)
+            originals.remember(w)
+            dev = w.param.device
+            dt = _c.linalg_dtype(dev)
+            keys = batch_keys(model, tok, requests, hparams, layer, groups).to(device=dev, dtype=dt)
+            if len(layers) == 1:
+                residual = shifts.to(device=dev, dtype=dt)
+            else:
+                cur = _layer_outputs(model, tok, requests, hparams, z_layer)
+                share = ((z - cur) / (len(layers) - i)).to(device=dev, dtype=dt)
+                residual = mlp_residual(model, hparams, layer, keys, share)
+            values = w.output(keys) + residual
+            delta, objective = update_rule(layer, w, keys, residual)
+            LOG.info("%s layer %d: %d edits, |R|=%.4g |delta|=%.4g", alg_name, layer,
+                     keys.shape[1], residual.norm().item(), delta.norm().item())
+            _c.add_update(w, delta)
+            updates[w.name] = LayerUpdate(layer, w.name, keys, values, residual, delta, objective)
     return updates
 
 

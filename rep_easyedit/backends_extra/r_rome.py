@@ -38,9 +38,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .common import (EditedWeight, add_update, as_request_list, average_key, edited_weight, flat_templates,
+from .common import (add_update, as_request_list, average_key, edited_weight, flat_templates,
                      get_context_templates, legacy_context, linalg_dtype, load_hparams_yaml,
-                     normalise_request, rome_value, second_moment)
+                     normalise_request, rome_value, second_moment, weights_put_back)
 
 LOG = logging.getLogger(__name__)
 
@@ -154,33 +154,27 @@ def execute_r_rome(model, tok, request: dict, hparams, context_templates=None) -
     templates = flat_templates(context_templates)
 
     updates: Dict[str, RROMEUpdate] = {}
-    originals: Dict[str, tuple[EditedWeight, torch.Tensor]] = {}
-    try:
-        with legacy_context(tok):
-            for layer in sorted(hparams.layers):
-                w = edited_weight(model, hparams, layer)
-                originals.setdefault(w.name, (w, w.param.detach().clone()))
-                k_avg = average_key(model, tok, request, hparams, layer, templates)
-                v_star, k_p, out_p = rome_value(model, tok, request, hparams, layer, templates)
-                dev = w.param.device
-                dt = linalg_dtype(dev)
-                k_avg, k_p, v_star, out_p = (x.to(device=dev, dtype=dt) for x in (k_avg, k_p, v_star, out_p))
-                mom2 = second_moment(model, tok, hparams, layer) if hparams.mom2_adjustment else None
-                if mode == "random_prefix":      # R-ROME: k* everywhere
-                    num, den, base, key = k_avg, k_avg, w.output(k_avg), k_avg
-                elif mode == "prompt":           # the prompt's key everywhere
-                    num, den, base, key = k_p, k_p, out_p, k_p
-                else:                            # ROME's released mix
-                    num, den, base, key = k_avg, k_p, out_p, k_avg
-                delta, left = r_rome_update(v_star - base, num, den, mom2)
-                LOG.info("R-ROME layer %d (%s keys): |v*-Wk|=%.4g |delta|=%.4g", layer, mode,
-                         (v_star - base).norm().item(), delta.norm().item())
-                add_update(w, delta)
-                updates[w.name] = RROMEUpdate(layer, w.name, key, v_star, k_p, left, delta)
-    finally:
-        with torch.no_grad():
-            for w, orig in originals.values():
-                w.param.copy_(orig)
+    with weights_put_back() as originals, legacy_context(tok):
+        for layer in sorted(hparams.layers):
+            w = edited_weight(model, hparams, layer)
+            originals.remember(w)
+            k_avg = average_key(model, tok, request, hparams, layer, templates)
+            v_star, k_p, out_p = rome_value(model, tok, request, hparams, layer, templates)
+            dev = w.param.device
+            dt = linalg_dtype(dev)
+            k_avg, k_p, v_star, out_p = (x.to(device=dev, dtype=dt) for x in (k_avg, k_p, v_star, out_p))
+            mom2 = second_moment(model, tok, hparams, layer) if hparams.mom2_adjustment else None
+            if mode == "random_prefix":      # R-ROME: k* everywhere
+                num, den, base, key = k_avg, k_avg, w.output(k_avg), k_avg
+            elif mode == "prompt":           # the prompt's key everywhere
+                num, den, base, key = k_p, k_p, out_p, k_p
+            else:                            # ROME's released mix
+                num, den, base, key = k_avg, k_p, out_p, k_avg
+            delta, left = r_rome_update(v_star - base, num, den, mom2)
+            LOG.info("R-ROME layer %d (%s keys): |v*-Wk|=%.4g |delta|=%.4g", layer, mode,
+                     (v_star - base).norm().item(), delta.norm().item())
+            add_update(w, delta)
+            updates[w.name] = RROMEUpdate(layer, w.name, key, v_star, k_p, left, delta)
     return updates
 
 

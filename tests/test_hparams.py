@@ -34,7 +34,7 @@ def test_loads_shipped_yaml(tmp_path):
     assert type(base).__name__ == "ROMEHyperParams" and base.alg_name == "ROME"
 
 
-@pytest.mark.parametrize("backend", ["ROME", "MEMIT", "R-ROME", "EMMET"])
+@pytest.mark.parametrize("backend", ["ROME", "MEMIT", "R-ROME", "EMMET", "AlphaEdit"])
 def test_every_rep_method_is_registered(backend):
     from rep_easyedit.compat.easyedit import installed_algorithm
 

@@ -30,7 +30,7 @@ def test_the_release_keeps_edits_with_keep_original_weight_and_has_no_r_rome():
 
     assert not editor_uses_sequential_flag()
     assert keep_edit_kwargs() == {"keep_original_weight": False}
-    # R-ROME and EMMET are ours (rep_easyedit/backends_extra/) on the release
-    for name in ("R-ROME", "EMMET"):
+    # R-ROME, EMMET and AlphaEdit are ours (rep_easyedit/backends_extra/) on the release
+    for name in ("R-ROME", "EMMET", "AlphaEdit"):
         fn = alg_dicts()[0][name]
         assert getattr(fn, "__rep_easyedit_original__", fn).__module__.startswith("rep_easyedit.backends_extra")

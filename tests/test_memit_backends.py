@@ -152,12 +152,46 @@ def test_rep_memit_one_adapter_per_layer(model, tokenizer, tmp_path):
     assert _unchanged(edited, state)
 
 
+def test_rep_alphaedit_batch_of_two_adapters_per_request_and_restore(model, tokenizer, tmp_path):
+    """REP-AlphaEdit (AlphaEdit where the installed EasyEdit lacks it) edits a batch: one adapter per
+    request and layer, both layers' weights move, and EasyEdit's restore of weights_copy puts the
+    model back exactly (AlphaEdit's cumulative term then forgets the edit)."""
+    from rep_easyedit.backends_extra.alphaedit import edited_keys, reset_history
+    from rep_easyedit.backends_extra.common import edited_weight
+
+    hp = REPHyperParams.from_dict(_raw("REP-AlphaEdit", tmp_path, nullspace_threshold=1e-1, L2=1e-4))
+    before, state = _weights(model), _state(model)
+    reqs = [dict(REQ), dict(REQ2)]
+    try:
+        edited, weights_copy = apply_rep_to_model(model, tokenizer, reqs, hp, return_orig_weights=True,
+                                                  keep_original_weight=True)
+        paths = [f"model.layers.{l}.mlp.down_proj" for l in LAYERS]
+        assert installed_paths(edited) == paths
+        assert all(sorted(r["rep"]["training"]) == paths for r in reqs)
+        after = _weights(edited)
+        assert all(not torch.equal(after[l], before[l]) for l in LAYERS)
+        w = edited_weight(edited, hp.backend_hparams(), LAYERS[0])
+        assert len(edited_keys(edited, w)) == 1 and edited_keys(edited, w)[0].shape[1] == 2
+        params = dict(edited.named_parameters())
+        with torch.no_grad():
+            for k, v in weights_copy.items():
+                params[k][...] = v
+        rep_easyedit.prune_inactive(edited)
+        assert installed_paths(edited) == [] and _hooks(edited) == 0
+        assert _unchanged(edited, state)
+        assert edited_keys(edited, w) == []
+    finally:
+        reset_history(model)
+
+
 def test_rep_memit_batch_edit_through_editor(model, tokenizer, tmp_path):
     """Legacy `BaseEditor.batch_edit` with two requests: REP-MEMIT must count as batchable."""
     from rep_easyedit.compat.easyedit import _batch_editor_class, editor_class
 
     assert _batch_editor_class().is_batchable_method("REP-MEMIT")
     assert _batch_editor_class().is_batchable_method("REP-EMMET")
+    assert _batch_editor_class().is_batchable_method("REP-AlphaEdit")
+    assert _batch_editor_class().is_batchable_method("AlphaEdit")
     assert _batch_editor_class().is_batchable_method("MEMIT")       # unchanged answers
     assert not _batch_editor_class().is_batchable_method("REP-ROME")
     hp = rep_memit_hparams(tmp_path, batch_size=2)

@@ -5,7 +5,8 @@ backends take a batch one request at a time. At each checkpoint every edit made 
 on the current model: efficacy (success), generalisation (paraphrase), specificity (locality
 against the unedited model), rephrased and shuffled subjects (in and out of REP's training half)
 and fluency (on the first `--fluency-cases` edits). The model state (edited weights, REP pathway,
-AlphaEdit's cumulative term) is saved after every batch, so a killed run resumes where it stopped.
+AlphaEdit's cumulative term) is saved after every batch under `<out>/<alg>/state/` (not kept in
+git), so a killed run resumes where it stopped.
 
     OMP_NUM_THREADS=1 python benchmarks/lifelong.py run --alg AlphaEdit --n 200 --batch 10 \\
         --checkpoints 10,50,100,200 --out benchmarks/results/lifelong/smollm2

@@ -31,7 +31,7 @@ class Backend:
 def _length_param_templates(alg: str):
     """ROME-style: `get_context_templates(model, tok, length_params)`; k* is their plain mean."""
     def templates(model, tok, hp):
-        mod = importlib.import_module(_module_of(installed_algorithm(alg)))
+        mod = importlib.import_module(_module_of(_apply_function(alg)))
         return [_flat(mod.get_context_templates(model, tok, hp.context_template_length_params))]
     return templates
 
@@ -40,7 +40,7 @@ def _grouped_templates(alg: str):
     """MEMIT-style: `get_context_templates(model, tok)`, grouped by length; k* is the mean of
     the group means (as MEMIT's compute_ks takes it)."""
     def templates(model, tok, hp):
-        mod = importlib.import_module(_module_of(installed_algorithm(alg)))
+        mod = importlib.import_module(_module_of(_apply_function(alg)))
         return [g if isinstance(g, list) else [g] for g in mod.get_context_templates(model, tok)]
     return templates
 
@@ -51,6 +51,25 @@ def _flat(templates) -> list[str]:
 
 def _module_of(fn) -> str:
     return getattr(fn, "__rep_easyedit_original__", fn).__module__
+
+
+# Backends REP runs on a given implementation even where the installed EasyEdit has its own
+# (`prefer_implementation`; rep_easyedit's AlphaEdit, docs/design.md)
+_PREFERRED: dict = {}
+
+
+def prefer_implementation(alg: str, apply: Callable, hparams_cls: type) -> None:
+    """REP-`alg` runs on this `apply`/hparams class, whatever the installed EasyEdit has."""
+    _PREFERRED[alg] = (apply, hparams_cls)
+
+
+def _ours(alg: str):
+    return _PREFERRED.get(alg)
+
+
+def _apply_function(alg: str):
+    ours = _ours(alg)
+    return ours[0] if ours is not None else installed_algorithm(alg)
 
 
 def _hparams_class(alg: str, class_name: str):
@@ -75,8 +94,11 @@ _SPECS = {
 def get_backend(name: str) -> Backend:
     if name not in _SPECS:
         raise BackendUnavailable(f"no REP backend {name!r}; available: {sorted(_SPECS)}")
-    apply = installed_algorithm(name)
     class_name, templates, max_batch = _SPECS[name]
+    ours = _ours(name)
+    if ours is not None:
+        return Backend(name, ours[0], ours[1], templates, max_batch)
+    apply = installed_algorithm(name)
     cls = _hparams_class(name, class_name) if apply is not None else None
     if apply is None or cls is None:
         raise BackendUnavailable(

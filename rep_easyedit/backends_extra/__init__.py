@@ -31,11 +31,16 @@ def register_missing_backends() -> list[str]:
     """
     from ..compat.easyedit import installed_algorithm, register_algorithm
 
+    from ..backends import prefer_implementation
+
     registered = []
     for name, (apply_fn, _cls) in BACKENDS.items():
         if installed_algorithm(name) is None:
             register_algorithm(name, apply_fn, overwrite=False)
             registered.append(name)
+    # REP-AlphaEdit runs on ours everywhere: upstream's sizes its projector by model-name substrings
+    # (any other name leaves it undefined) and writes it to the working directory (docs/design.md)
+    prefer_implementation("AlphaEdit", apply_AlphaEdit_to_model, AlphaEditHyperParams)
     return registered
 
 

@@ -132,6 +132,18 @@ def test_legacy_memit_edits_every_layer(model, tokenizer, tmp_path):
 
 # -- REP-MEMIT ------------------------------------------------------------------------------------
 
+def _restore_as_easyedit(edited, weights_copy, state):
+    """Restore the way EasyEdit does (write weights_copy back; adapters' `active` switches too) and
+    check that the model is exactly as before: parameters, buffers, no pathway, no hook."""
+    params = dict(edited.named_parameters())
+    with torch.no_grad():
+        for k, v in weights_copy.items():
+            params[k][...] = v
+    rep_easyedit.prune_inactive(edited)
+    assert installed_paths(edited) == [] and _hooks(edited) == 0
+    assert _unchanged(edited, state)
+
+
 def test_rep_memit_one_adapter_per_layer(model, tokenizer, tmp_path):
     hp = rep_memit_hparams(tmp_path)
     before, state = _weights(model), _state(model)
@@ -142,14 +154,7 @@ def test_rep_memit_one_adapter_per_layer(model, tokenizer, tmp_path):
     assert sorted(req["rep"]["training"]) == [f"model.layers.{l}.mlp.down_proj" for l in LAYERS]
     after = _weights(edited)
     assert all(not torch.equal(after[l], before[l]) for l in LAYERS)
-    # restore the way EasyEdit does: write weights_copy back (adapters' `active` switches too)
-    params = dict(edited.named_parameters())
-    with torch.no_grad():
-        for k, v in weights_copy.items():
-            params[k][...] = v
-    rep_easyedit.prune_inactive(edited)
-    assert installed_paths(edited) == [] and _hooks(edited) == 0
-    assert _unchanged(edited, state)
+    _restore_as_easyedit(edited, weights_copy, state)
 
 
 def test_rep_alphaedit_batch_of_two_adapters_per_request_and_restore(model, tokenizer, tmp_path):
@@ -172,13 +177,7 @@ def test_rep_alphaedit_batch_of_two_adapters_per_request_and_restore(model, toke
         assert all(not torch.equal(after[l], before[l]) for l in LAYERS)
         w = edited_weight(edited, hp.backend_hparams(), LAYERS[0])
         assert len(edited_keys(edited, w)) == 1 and edited_keys(edited, w)[0].shape[1] == 2
-        params = dict(edited.named_parameters())
-        with torch.no_grad():
-            for k, v in weights_copy.items():
-                params[k][...] = v
-        rep_easyedit.prune_inactive(edited)
-        assert installed_paths(edited) == [] and _hooks(edited) == 0
-        assert _unchanged(edited, state)
+        _restore_as_easyedit(edited, weights_copy, state)
         assert edited_keys(edited, w) == []
     finally:
         reset_history(model)

@@ -3,7 +3,7 @@
     python benchmarks/run_benchmark.py alg=REP-ROME model=smollm2-135m \
         data=counterfact_smollm2_dev limit=20 out=runs/rep-rome shard=0/1
 
-Config groups (benchmarks/conf): `alg` (ROME, REP-ROME, MEMIT, R-ROME, EMMET and their REP-
+Config groups (benchmarks/conf): `alg` (ROME, MEMIT, R-ROME, EMMET, AlphaEdit and their REP-
 versions; hparams from `hparams/<ALG>/<model.hparams_name>.yaml`, or `hparams=FILE`), `model`
 (`smollm2-135m`, or any local model: `model=/path/to/model` or `model.path=...`) and `data`
 (`counterfact_smollm2_dev`, or any file: `data=FILE.json`, EasyEdit CounterFact/ZsRE included).

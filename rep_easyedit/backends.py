@@ -63,13 +63,9 @@ def prefer_implementation(alg: str, apply: Callable, hparams_cls: type) -> None:
     _PREFERRED[alg] = (apply, hparams_cls)
 
 
-def _ours(alg: str):
-    return _PREFERRED.get(alg)
-
-
 def _apply_function(alg: str):
-    ours = _ours(alg)
-    return ours[0] if ours is not None else installed_algorithm(alg)
+    preferred = _PREFERRED.get(alg)
+    return preferred[0] if preferred is not None else installed_algorithm(alg)
 
 
 def _hparams_class(alg: str, class_name: str):
@@ -95,9 +91,9 @@ def get_backend(name: str) -> Backend:
     if name not in _SPECS:
         raise BackendUnavailable(f"no REP backend {name!r}; available: {sorted(_SPECS)}")
     class_name, templates, max_batch = _SPECS[name]
-    ours = _ours(name)
-    if ours is not None:
-        return Backend(name, ours[0], ours[1], templates, max_batch)
+    preferred = _PREFERRED.get(name)
+    if preferred is not None:
+        return Backend(name, *preferred, templates, max_batch)
     apply = installed_algorithm(name)
     cls = _hparams_class(name, class_name) if apply is not None else None
     if apply is None or cls is None:

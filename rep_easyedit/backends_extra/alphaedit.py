@@ -28,10 +28,11 @@ Differences from upstream EasyEdit's `AlphaEdit` (its snapshot 14cea82), all so 
 from __future__ import annotations
 
 import copy as _copy
+import dataclasses
 import logging
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -105,9 +106,8 @@ def projector(model, hparams, layer: int, index: int) -> torch.Tensor:
                              f"this model and hparams need ({len(hparams.layers)}, {dim}, {dim}) "
                              f"(layers {list(hparams.layers)}). Remove P_loc to compute it here.")
         p = stacked[index].double()
-    elif _c.seeded_second_moment(model, hparams, layer) is not None:
-        p = null_space_projector(_c.seeded_second_moment(model, hparams, layer),
-                                 float(hparams.nullspace_threshold))
+    elif (seeded := _c.seeded_second_moment(model, hparams, layer)) is not None:
+        p = null_space_projector(seeded, float(hparams.nullspace_threshold))
     else:
         from ..covariance import load_second_moment
 
@@ -121,7 +121,7 @@ def projector(model, hparams, layer: int, index: int) -> torch.Tensor:
             moment, _count = load_second_moment(model, hparams, layer)
             p = null_space_projector(moment, float(hparams.nullspace_threshold))
             tmp = path.with_suffix(".tmp")
-            torch.save({"P": p.float(), "stats": stamp, "rank": int(round(p.trace().item()))}, tmp)
+            torch.save({"P": p.float(), "stats": stamp}, tmp)
             os.replace(tmp, path)
     rank = int(round(p.trace().item()))
     if rank == 0:
@@ -144,12 +144,8 @@ class _Record:
     keys: torch.Tensor       # (in, B) float64, CPU
 
 
-@dataclass
-class _LayerHistory:
-    records: List[_Record] = field(default_factory=list)
-
-
-_HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, _LayerHistory]]" = weakref.WeakKeyDictionary()
+# model -> edited weight's name -> its records, oldest first
+_HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, List[_Record]]]" = weakref.WeakKeyDictionary()
 
 
 def _signature(w: _c.EditedWeight) -> torch.Tensor:
@@ -162,29 +158,27 @@ def _signature(w: _c.EditedWeight) -> torch.Tensor:
 
 def edited_keys(model, w: _c.EditedWeight) -> List[torch.Tensor]:
     """The keys of the AlphaEdit edits still in `w` (earlier ones whose weights were restored dropped)."""
-    history = _HISTORY.setdefault(model, {}).setdefault(w.name, _LayerHistory())
+    records = _HISTORY.setdefault(model, {}).setdefault(w.name, [])
     now = _signature(w)
-    for i in range(len(history.records) - 1, -1, -1):
-        if torch.equal(now, history.records[i].after):
-            del history.records[i + 1:]     # later edits were put back
+    for i in range(len(records) - 1, -1, -1):
+        if torch.equal(now, records[i].after):
+            del records[i + 1:]     # later edits were put back
             break
-        if torch.equal(now, history.records[i].before):
-            del history.records[i:]         # this edit and later ones were put back
+        if torch.equal(now, records[i].before):
+            del records[i:]         # this edit and later ones were put back
             break
     # no match: changed by something else (another method's edit); earlier edits stay counted
-    return [r.keys for r in history.records]
+    return [r.keys for r in records]
 
 
 def history_state(model) -> dict:
     """The cumulative term of `model` as plain tensors (to save beside its edited weights)."""
-    return {name: [{"before": r.before, "after": r.after, "keys": r.keys} for r in h.records]
-            for name, h in _HISTORY.get(model, {}).items()}
+    return {name: [dataclasses.asdict(r) for r in records] for name, records in _HISTORY.get(model, {}).items()}
 
 
 def load_history_state(model, state: dict) -> None:
     """Put back a `history_state` (after the weights it describes are loaded)."""
-    _HISTORY[model] = {name: _LayerHistory([_Record(r["before"], r["after"], r["keys"]) for r in recs])
-                       for name, recs in state.items()}
+    _HISTORY[model] = {name: [_Record(**r) for r in records] for name, records in state.items()}
 
 
 def reset_history(model=None) -> None:
@@ -244,6 +238,6 @@ def apply_AlphaEdit_to_model(model, tok, requests, hparams, copy=False, return_o
         w = _c.edited_weight(model, hparams, upd.layer)
         before = _signature(w)
         weights_copy.update(apply_updates(model, hparams, {name: upd}, return_orig_weights))
-        history = _HISTORY.setdefault(model, {}).setdefault(name, _LayerHistory())
-        history.records.append(_Record(before, _signature(w), upd.keys.detach().double().cpu()))
+        _HISTORY.setdefault(model, {}).setdefault(name, []).append(
+            _Record(before, _signature(w), upd.keys.detach().double().cpu()))
     return model, weights_copy

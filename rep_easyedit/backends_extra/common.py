@@ -17,7 +17,7 @@ import re
 import typing
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -67,6 +67,43 @@ def load_hparams_yaml(cls, path, alg_name: str):
     if required:
         raise ValueError(f"{path}: required key(s) {required} missing for {cls.__name__}")
     return cls(**_coerce_numbers(cls, config))
+
+
+@dataclass(kw_only=True)
+class LocateEditHyperParams:
+    """The fields upstream EasyEdit's R-ROME, EMMET and AlphaEdit hparams share (ROME's)."""
+
+    # Method
+    layers: List[int]
+    fact_token: str
+    v_num_grad_steps: int
+    v_lr: float
+    v_loss_layer: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    mom2_adjustment: bool
+
+    # Module templates
+    rewrite_module_tmp: str
+    layer_module_tmp: str
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+
+    # Statistics
+    mom2_dataset: str
+    mom2_n_samples: int
+    mom2_dtype: str
+    alg_name: str
+    device: Any
+    model_name: Any
+    stats_dir: str
+
+    max_length: int = 40
+    model_parallel: bool = False
+    fp16: bool = False
 
 
 # ---------------------------------------------------------------------------------------------

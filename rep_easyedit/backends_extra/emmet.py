@@ -25,17 +25,8 @@ keys) the pseudo-inverse is used. Linear solves, no explicit inverse of C0.
 `update_norm_lambda` is the weight of a ‖Δ‖² penalty (min ‖ΔK0‖² + μ‖Δ‖² gives C0 + μI);
 `mom2_update_weight` scales the preservation term (it only matters relative to λ and μ).
 
-Keys: MEMIT's `compute_ks` (the subject's last-token key averaged within each group of
-context templates, then over groups; templates from MEMIT's `get_context_templates`), or ROME's
-`repr_tools` for `fact_token: last`. Values: the value optimisation of the installed ROME
-(`compute_v`), which adds a shift `d` at the MLP output at the fact token; legacy MEMIT's
-`compute_z` cannot run under transformers ≥ 5 (it indexes `output[0]` of a decoder layer, now a
-tensor). For one layer (upstream's EMMET setting, e.g. `layers: [5]`) the residual is that
-shift, `R = D` (so `V_E = W K_E + b + D`, MEMIT's convention: every context's output moves by
-`d`, hence so does their mean `W k*`). For several layers the residual is spread MEMIT-style:
-`z = h_L + d` at the last layer's output, and layer i (in order, earlier edits in place) gets
-`R_i = (z − h_L^current) / (L − i)`, mapped through the layer's post-MLP norm where it has one
-(Gemma-2/3; `rep_easyedit.post_mlp_norm`).
+Keys, values and the residual of each layer (one layer: the value shift; several: MEMIT's spread
+over layers) come from the batch edit EMMET shares with AlphaEdit, `layered.py`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -31,43 +31,12 @@ LOG = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class LayeredHyperParams:
+class LayeredHyperParams(_c.LocateEditHyperParams):
     """The fields upstream EasyEdit's `EMMETHyperParams` and `AlphaEditHyperParams` share (MEMIT's)."""
 
-    # Method
-    layers: List[int]
     layer_selection: str          # "all" | "random" (upstream's field; every layer here is edited)
-    fact_token: str
-    v_num_grad_steps: int
-    v_lr: float
-    v_loss_layer: int
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    mom2_adjustment: bool
     mom2_update_weight: float
-
-    # Module templates
-    rewrite_module_tmp: str
-    layer_module_tmp: str
-    mlp_module_tmp: str
-    attn_module_tmp: str
-    ln_f_module: str
-    lm_head_module: str
-
-    # Statistics
-    mom2_dataset: str
-    mom2_n_samples: int
-    mom2_dtype: str
-    alg_name: str
-    device: Any
-    model_name: Any
-    stats_dir: str
-
-    max_length: int = 40
     batch_size: int = 1
-    model_parallel: bool = False
-    fp16: bool = False
 
 
 @dataclass

@@ -34,11 +34,11 @@ from __future__ import annotations
 import copy as _copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from .common import (add_update, as_request_list, average_key, edited_weight, flat_templates,
+from .common import (LocateEditHyperParams, add_update, as_request_list, average_key, edited_weight, flat_templates,
                      get_context_templates, legacy_context, linalg_dtype, load_hparams_yaml,
                      normalise_request, rome_value, second_moment, weights_put_back)
 
@@ -47,42 +47,11 @@ LOG = logging.getLogger(__name__)
 ALG_NAME = "R-ROME"
 
 
-@dataclass
-class R_ROMEHyperParams:
+@dataclass(kw_only=True)
+class R_ROMEHyperParams(LocateEditHyperParams):
     """Field names as in upstream EasyEdit's `R_ROMEHyperParams` (ROME's fields + R-ROME's flags)."""
 
-    # Method
-    layers: List[int]
-    fact_token: str
-    v_num_grad_steps: int
-    v_lr: float
-    v_loss_layer: int
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    mom2_adjustment: bool
     context_template_length_params: List[List[int]]
-
-    # Module templates
-    rewrite_module_tmp: str
-    layer_module_tmp: str
-    mlp_module_tmp: str
-    attn_module_tmp: str
-    ln_f_module: str
-    lm_head_module: str
-
-    # Statistics
-    mom2_dataset: str
-    mom2_n_samples: int
-    mom2_dtype: str
-    alg_name: str
-    device: Any
-    model_name: Any
-    stats_dir: str
-
-    max_length: int = 40
-    model_parallel: bool = False
-    fp16: bool = False
 
     # which key enters the update (upstream's flags):
     # the prompt's own key only, in the numerator, the denominator and the residual

@@ -161,7 +161,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     adapter.eval()
     loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
     pos_fire, neg_fire = fire_shares(adapter, pos, neg)
-    hard_fire = None if hard_neg is None else fire_shares(adapter, pos[:0], hard_neg)[1]
+    hard_fire = None if hard_neg is None else fire_shares(adapter, hard_neg, pos[:0])[0]
     with torch.no_grad():
         hard = adapter(pos, hard=True)
         activation = ((hard * target.target).sum(-1) / target.target.pow(2).sum(-1)).mean().item()

@@ -129,11 +129,13 @@ def _save_state(model, directory: Path, edited: list[str]) -> None:
     from safetensors.torch import save_file
 
     from rep_easyedit.backends_extra.alphaedit import history_state
-    from rep_easyedit.core.persistence import save_pathway
+    from rep_easyedit.core.persistence import pathways_detached, save_pathway
 
     directory.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters())
-    save_file({n: params[n].detach().cpu().contiguous() for n in edited}, str(directory / "weights.tmp"))
+    with pathways_detached(model):  # the model's own weights; REP's adapters go to `pathway/`
+        params = dict(model.named_parameters())
+    save_file({n: params[n].detach().cpu().contiguous() for n in edited if n in params},
+              str(directory / "weights.tmp"))
     os.replace(directory / "weights.tmp", directory / "weights.safetensors")
     save_pathway(model, directory / "pathway")
     torch.save(history_state(model), directory / "alphaedit_history.pt")

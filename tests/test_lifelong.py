@@ -42,7 +42,10 @@ def test_state_round_trip(tiny_model, tokenizer, tmp_path):
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         w = edited_weight(model, hp, LAYER)
         keys = edited_keys(model, w)
-        lifelong._save_state(model, tmp_path / "state", sorted(copy))
+        # the names a REP edit's weights_copy carries include its adapters' switches: they go to the pathway
+        active = f"{path}.rep_pathway.adapters.0.active"
+        assert active in dict(model.named_parameters())
+        lifelong._save_state(model, tmp_path / "state", sorted(copy) + [active])
 
         # a fresh start: unedited weights, no pathway, no cumulative term
         remove_pathways(model)

@@ -128,15 +128,15 @@ def sibling_subjects(subject: str, corpus: list[str], n: int, rng: np.random.Gen
         if prefix not in taken:
             taken.add(prefix)
             out.append(prefix)
-    n += len(out)
-    for _ in range(4 * n):
+    wanted = len(out) + n
+    for _ in range(4 * wanted):
         keep = int(rng.integers(1, len(words)))            # 1 .. len-1 leading words stay
         tail = [pool[int(i)] for i in rng.integers(0, len(pool), size=int(rng.integers(1, 3)))]
         name = " ".join(words[:keep] + tail)
         if name not in taken:
             taken.add(name)
             out.append(name)
-        if len(out) == n:
+        if len(out) == wanted:
             break
     return out
 

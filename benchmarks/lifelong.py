@@ -6,7 +6,10 @@ on the current model: efficacy (success), generalisation (paraphrase), specifici
 against the unedited model), rephrased and shuffled subjects (in and out of REP's training half)
 and fluency (on the first `--fluency-cases` edits). The model state (edited weights, REP pathway,
 AlphaEdit's cumulative term) is saved after every batch under `<out>/<alg>/state/` (not kept in
-git), so a killed run resumes where it stopped.
+git), so a killed run resumes where it stopped, and a finished one goes on to a larger `--n`. With
+`--merge-rank R` each layer's adapters are swapped after every batch for one adapter of rank R
+retrained on every edit's keys so far (`rep_easyedit.core.merging`), so the pathway's forward cost
+stays one adapter per layer; the keys are kept in the state too.
 
     OMP_NUM_THREADS=1 python benchmarks/lifelong.py run --alg AlphaEdit --n 200 --batch 10 \\
         --checkpoints 10,50,100,200 --out benchmarks/results/lifelong/smollm2
@@ -17,6 +20,8 @@ git), so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -30,6 +35,7 @@ COLUMNS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "
            "shuffle_out", "fluency")
 METRICS = ("success", "paraphrase", "locality", "rephrase", "shuffle", "fluency")
 # the model's own dev cases first, then the other model's (24 shared cases dropped): 176 CounterFact cases
+MERGE_NEGATIVES_PER_EDIT = 256
 DATA = {"smollm2-135m": ["data/counterfact_smollm2_dev.json", "data/counterfact_gemma3_dev.json"],
         "gemma3-270m": ["data/counterfact_gemma3_dev.json", "data/counterfact_smollm2_dev.json"]}
 
@@ -40,6 +46,7 @@ def run(args) -> None:
     set_threads_from_env()
     import rep_easyedit  # noqa: F401
     from rep_easyedit.backends import get_backend
+    from rep_easyedit.core.merging import recording_training_keys
     from rep_easyedit.core.perturbations import build_perturbations
     from rep_easyedit.editing import load_hparams
     from rep_easyedit.eval.metrics import locality_reference
@@ -58,11 +65,14 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = {"alg": args.alg, "model": args.model, "data": args.data or DATA[args.model],
               "start": args.start, "n": args.n, "batch": args.batch, "hparams": str(hp_path.relative_to(ROOT)), "set": overrides}
+    if args.merge_rank:
+        config["merge_rank"] = args.merge_rank
     progress_file = out / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else None
-    if progress is not None and progress["config"] != config:
+    if progress is not None and _settings(progress["config"]) != _settings(config):
         raise SystemExit(f"{out} holds a run with other settings {progress['config']}; use another --out")
     progress = progress or {"config": config, "batches_done": 0, "batch_seconds": []}
+    progress["config"]["n"] = args.n  # a finished run goes on to a larger --n
 
     records = _records(config["data"])[args.start:args.start + args.n]
     if len(records) < args.n:
@@ -72,8 +82,11 @@ def run(args) -> None:
     settings.pop("corpus")
     perts = [build_perturbations(r, tok, [], **settings) for r in records]
     refs = [locality_reference(model, tok, r) for r in records]      # on the unedited model
+    groups: dict[str, list] = {}  # --merge-rank: every edit's training keys so far, per layer
     if progress["batches_done"]:
         _load_state(model, out / "state")
+        if args.merge_rank:
+            groups = _load_keys(out / "state")
         print(f"resumed after {progress['batches_done']} batches", flush=True)
 
     backend = get_backend(getattr(hp, "backend_name", hp.alg_name))
@@ -85,9 +98,13 @@ def run(args) -> None:
         torch.manual_seed(b)
         t0 = time.perf_counter()
         edited = set(progress.get("edited_params", []))
-        for i in range(0, len(batch), per_call):
-            edited |= _edit(model, tok, batch[i:i + per_call], hp)
+        with recording_training_keys() if args.merge_rank else contextlib.nullcontext() as captured:
+            for i in range(0, len(batch), per_call):
+                edited |= _edit(model, tok, batch[i:i + per_call], hp)
         progress["batch_seconds"].append(time.perf_counter() - t0)
+        if args.merge_rank:
+            progress.setdefault("merges", []).append(_merge(model, hp.rep, groups, captured, args.merge_rank))
+            _save_keys(groups, out / "state")
         progress["batches_done"] = b + 1
         progress["edited_params"] = sorted(edited)
         _save_state(model, out / "state", progress["edited_params"])
@@ -98,8 +115,47 @@ def run(args) -> None:
             result = _check(model, tok, records[:done], perts, refs, args.fluency_cases)
             result["summary"].update(alg=args.alg, model=args.model, n_edits=done, batch=args.batch,
                                      batch_seconds_median=statistics.median(progress["batch_seconds"]))
+            if args.merge_rank:
+                result["summary"].update(method=f"{args.alg} (merged, rank {args.merge_rank})",
+                                         merge_seconds_last=progress["merges"][-1]["seconds"])
             (out / f"checkpoint_{done}.json").write_text(json.dumps(result, indent=1))
             print(json.dumps(result["summary"]), flush=True)
+
+
+def _settings(config: dict) -> dict:
+    """What must match for a run to resume: everything but the number of edits it goes to."""
+    return {k: v for k, v in config.items() if k != "n"}
+
+
+def _merge(model, rep, groups: dict[str, list], captured: dict[str, list], rank: int) -> dict:
+    """Each layer's adapters swapped for one of `rank`, retrained on every edit's keys so far.
+
+    The forward cost then stays one adapter per layer however many edits are kept. Each new edit's
+    keys are slimmed to `MERGE_NEGATIVES_PER_EDIT` negatives (a merge caps the union's anyway).
+    """
+    from rep_easyedit.core.merging import merge_adapters, slimmed
+
+    t0 = time.perf_counter()
+    gate = {}
+    for path, new in captured.items():
+        groups.setdefault(path, []).extend(slimmed(k, MERGE_NEGATIVES_PER_EDIT, seed=i) for i, k in enumerate(new))
+    for path, kept in groups.items():
+        _, report = merge_adapters(model, path, kept, rep, rank=rank)
+        gate[path] = {"pos": report.gate_pos_fire, "neg": report.gate_neg_fire, "steps": report.steps}
+    return {"seconds": time.perf_counter() - t0, "edits": len(next(iter(groups.values()), [])), "gate": gate}
+
+
+def _save_keys(groups: dict[str, list], directory: Path) -> None:
+    state = {path: [dataclasses.asdict(k) for k in kept] for path, kept in groups.items()}
+    torch.save(state, directory / "keys.tmp")
+    os.replace(directory / "keys.tmp", directory / "training_keys.pt")
+
+
+def _load_keys(directory: Path) -> dict[str, list]:
+    from rep_easyedit.core.training import TrainingKeys
+
+    state = torch.load(directory / "training_keys.pt")
+    return {path: [TrainingKeys(**k) for k in kept] for path, kept in state.items()}
 
 
 def _records(files: list[str]) -> list[dict]:
@@ -186,11 +242,14 @@ def report(args) -> None:
         raise SystemExit("no checkpoint_*.json in the runs given")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    head = "| method | N | " + " | ".join(COLUMNS) + " | s / batch |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for r in rows:
+        r.setdefault("method", r["alg"])
+    head = "| method | N | " + " | ".join(COLUMNS) + " | adapters | s / batch |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for r in rows:
         cells = ["–" if r.get(c) is None else f"{r[c]}" for c in COLUMNS]
-        lines.append(f"| {r['alg']} | {r['n_edits']} | " + " | ".join(cells) + f" | {r['batch_seconds_median']:.0f} |")
+        lines.append(f"| {r['method']} | {r['n_edits']} | " + " | ".join(cells)
+                     + f" | {r['adapters_installed']} | {r['batch_seconds_median']:.0f} |")
     (out / "lifelong.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -200,10 +259,10 @@ def report(args) -> None:
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, col in zip(axes.flat, COLUMNS):
-        for alg in dict.fromkeys(r["alg"] for r in rows):
-            pts = [(r["n_edits"], r[col]) for r in rows if r["alg"] == alg and r.get(col) is not None]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["n_edits"], r[col]) for r in rows if r["method"] == method and r.get(col) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=alg)
+                ax.plot(*zip(*pts), marker="o", label=method)
         ax.set_title(col)
         ax.set_xlabel("edits so far (N)")
     axes.flat[0].legend()
@@ -225,6 +284,9 @@ def main() -> None:
     r.add_argument("--checkpoints", default="10,50,100,200")
     r.add_argument("--fluency-cases", type=int, default=10, help="edits scored for fluency at a checkpoint")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--merge-rank", type=int, default=0,
+                   help="after each batch, swap each layer's adapters for one of this rank retrained on every "
+                        "edit's keys so far (0: keep one adapter per edit and layer)")
     r.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="hparams fields to override (e.g. nullspace_threshold=5e-3 L2=10)")
     r.add_argument("--out", default=str(ROOT / "benchmarks/results/lifelong"))

@@ -50,6 +50,7 @@ def main() -> None:
     from rep_easyedit.editing import apply_edit, load_hparams
     from rep_easyedit.eval.metrics import locality_reference
     from rep_easyedit.model_loading import load_model_and_tokenizer
+    from rep_easyedit.core.merging import recording_training_keys
     from rep_easyedit.core.perturbations import build_perturbations
 
     hp = load_hparams(ROOT / f"hparams/{args.alg}/smollm2-135m.yaml")
@@ -64,48 +65,33 @@ def main() -> None:
                                          n_long=rep_cfg.n_long_contexts,
                                          long_tokens=rep_cfg.long_context_tokens, base_seed=rep_cfg.seed))
         refs.append(locality_reference(model, tok, case))
-    captured = _record_training_keys() if args.merge else None
-    milestones = sorted({int(m) for m in args.eval_at.split(",") if m.strip()} | {len(cases)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds = []
-    for i, case in enumerate(cases):
-        request = {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
-                   "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
-                   "case_id": case["case_id"]}
-        torch.manual_seed(i)
-        t0 = time.perf_counter()
-        apply_edit(model, tok, [request], hp)  # kept: never restored
-        seconds.append(time.perf_counter() - t0)
-        print(f"edit {i + 1}/{len(cases)} ({case['case_id']}): {seconds[-1]:.1f} s", flush=True)
-        if i + 1 in milestones:
-            summary = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
-            if captured:
-                with _merged(model, captured, rep_cfg, args.merge_rank) as reports:
-                    merged = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
-                merged["summary"]["merge_rank"] = args.merge_rank
-                merged["summary"]["merge_seconds"] = reports["seconds"]
-                merged["summary"]["merge_gate_fire"] = reports["gate"]
-                summary["merged"] = merged
-            name = f"{args.alg}_n{i + 1}_s{args.start}"
-            (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
-            print(json.dumps(summary["summary"]), flush=True)
-
-
-def _record_training_keys() -> dict[str, list]:
-    """Keep each REP edit's training keys per layer (what a merge retrains on)."""
-    from rep_easyedit import rep_main
-
-    captured: dict[str, list] = {}
-    real = rep_main.gather_training_keys
-
-    def recording(model, tok, request, pert, templates, path, *args, **kwargs):
-        keys = real(model, tok, request, pert, templates, path, *args, **kwargs)
-        captured.setdefault(path, []).append(keys)
-        return keys
-
-    rep_main.gather_training_keys = recording
-    return captured
+    merging = recording_training_keys() if args.merge else contextlib.nullcontext()
+    with merging as captured:  # each edit's keys per layer, kept for the merge
+        milestones = sorted({int(m) for m in args.eval_at.split(",") if m.strip()} | {len(cases)})
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        seconds = []
+        for i, case in enumerate(cases):
+            request = {"prompt": case["prompt"], "subject": case["subject"], "target_new": case["target_new"],
+                       "ground_truth": case["target_true"], "subject_rephrase": case["subject_rephrase"],
+                       "case_id": case["case_id"]}
+            torch.manual_seed(i)
+            t0 = time.perf_counter()
+            apply_edit(model, tok, [request], hp)  # kept: never restored
+            seconds.append(time.perf_counter() - t0)
+            print(f"edit {i + 1}/{len(cases)} ({case['case_id']}): {seconds[-1]:.1f} s", flush=True)
+            if i + 1 in milestones:
+                summary = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
+                if captured:
+                    with _merged(model, captured, rep_cfg, args.merge_rank) as reports:
+                        merged = _check_edits_so_far(model, tok, cases[:i + 1], perts, refs, args.alg, seconds)
+                    merged["summary"]["merge_rank"] = args.merge_rank
+                    merged["summary"]["merge_seconds"] = reports["seconds"]
+                    merged["summary"]["merge_gate_fire"] = reports["gate"]
+                    summary["merged"] = merged
+                name = f"{args.alg}_n{i + 1}_s{args.start}"
+                (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+                print(json.dumps(summary["summary"]), flush=True)
 
 
 @contextlib.contextmanager

@@ -63,3 +63,34 @@ def test_state_round_trip(tiny_model, tokenizer, tmp_path):
     finally:
         clear_second_moment_cache(model)
         reset_history(model)
+
+
+def test_merging_after_each_batch_keeps_one_adapter_per_layer_and_resumes(tmp_path):
+    """--merge-rank: the pathway stays one adapter per layer however many edits; the keys every
+    later merge retrains on survive a restart."""
+    from test_merging import DIM, Layer, _edit_keys
+
+    from rep_easyedit.core.adapter import GatedLowRankAdapter
+    from rep_easyedit.core.config import REPConfig
+    from rep_easyedit.core.pathway import install, pathway_of
+
+    lifelong = _lifelong()
+    rep = REPConfig(rank=4, steps=20, num_negatives=64)
+    model, groups = Layer(), {}
+    for batch in ((1, 2), (3, 4, 5)):
+        captured = {"down_proj": [_edit_keys(s) for s in batch]}
+        for _ in batch:  # what the batch's REP edits leave: one adapter each
+            install(model, "down_proj", GatedLowRankAdapter(DIM, rep.rank, rep.gate_ratio, rep.tau))
+        merge = lifelong._merge(model, rep, groups, captured, rank=8)
+        assert len(pathway_of(model.down_proj).adapters) == 1
+        assert pathway_of(model.down_proj).adapters[0].up.weight.shape[-1] == 8
+        assert merge["edits"] == len(groups["down_proj"])
+    assert merge["edits"] == 5
+    assert all(len(k.negatives) == lifelong.MERGE_NEGATIVES_PER_EDIT for k in groups["down_proj"])
+
+    lifelong._save_keys(groups, tmp_path)
+    back = lifelong._load_keys(tmp_path)
+    assert len(back["down_proj"]) == 5
+    for a, b in zip(groups["down_proj"], back["down_proj"]):
+        assert torch.equal(a.positives, b.positives) and torch.equal(a.negatives, b.negatives)
+        assert torch.equal(a.target, b.target)

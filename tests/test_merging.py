@@ -86,3 +86,43 @@ def test_merging_trains_with_the_whole_rep_config(monkeypatch):
     groups = [_edit_keys(1), _edit_keys(2)]
     merge_adapters(Layer(), "down_proj", groups, rep, rank=8)
     assert seen and all(s == ("cosine", True) for s in seen)
+
+
+def test_recording_keeps_each_edits_keys_per_layer_and_puts_the_collector_back():
+    from rep_easyedit import rep_main
+    from rep_easyedit.core.merging import recording_training_keys
+
+    real = rep_main.gather_training_keys
+    calls = iter([_edit_keys(1), _edit_keys(2), _edit_keys(3)])
+    rep_main.gather_training_keys = lambda *a, **k: next(calls)
+    fake = rep_main.gather_training_keys
+    try:
+        with recording_training_keys() as captured:
+            got = [rep_main.gather_training_keys(None, None, None, None, None, p) for p in ("a", "b", "a")]
+        assert rep_main.gather_training_keys is fake
+        assert [len(captured["a"]), len(captured["b"])] == [2, 1]
+        assert captured["a"][0] is got[0] and captured["a"][1] is got[2] and captured["b"][0] is got[1]
+        try:
+            with recording_training_keys():
+                raise RuntimeError("an edit failed")
+        except RuntimeError:
+            pass
+        assert rep_main.gather_training_keys is fake
+    finally:
+        rep_main.gather_training_keys = real
+
+
+def test_slimmed_keeps_positives_and_targets_and_caps_negatives():
+    from rep_easyedit.core.merging import slimmed
+
+    keys = _edit_keys(4)
+    keys.target_whitened = keys.target * 2
+    slim = slimmed(keys, 50, seed=1)
+    assert torch.equal(slim.positives, keys.positives) and torch.equal(slim.target, keys.target)
+    assert torch.equal(slim.target_whitened, keys.target_whitened)
+    assert slim.negatives.shape == (50, DIM)
+    # the kept negatives are the edit's own rows, none repeated
+    rows = {tuple(r.tolist()) for r in keys.negatives}
+    assert all(tuple(r.tolist()) in rows for r in slim.negatives)
+    assert len({tuple(r.tolist()) for r in slim.negatives}) == 50
+    assert torch.equal(slimmed(keys, 500).negatives, keys.negatives)

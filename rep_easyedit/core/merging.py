@@ -9,7 +9,8 @@ negatives. Whether that keeps quality as edits accumulate is measured by
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,3 +60,42 @@ def merge_adapters(model, path: str, groups: Sequence[TrainingKeys], rep, rank: 
         detach_adapter(model, path, adapter)
     install(model, path, merged)
     return merged, report
+
+
+def slimmed(keys: TrainingKeys, max_negatives: int, seed: int = 0) -> TrainingKeys:
+    """What a later merge needs of one edit's keys, with at most `max_negatives` of its negatives.
+
+    A merge caps the union's negatives anyway; keeping every edit's 1,000-odd corpus keys would make
+    a long run's memory grow by megabytes per edit for keys the cap throws away.
+    """
+    negatives = keys.negatives
+    if len(negatives) > max_negatives:
+        idx = np.sort(np.random.default_rng(seed).choice(len(negatives), max_negatives, replace=False))
+        negatives = negatives[torch.as_tensor(idx, device=negatives.device)]
+    return TrainingKeys(positives=keys.positives.detach(), negatives=negatives.detach(),
+                        target=keys.target.detach(),
+                        target_whitened=None if keys.target_whitened is None else keys.target_whitened.detach())
+
+
+@contextlib.contextmanager
+def recording_training_keys() -> Iterator[dict[str, list[TrainingKeys]]]:
+    """Within the block, every REP edit's training keys are kept per layer path (what a merge retrains on).
+
+    Yields the dict it fills, in edit order. The kept objects are the ones training used (the
+    whitened target is set on them after collection), so slim them only once their edit is done.
+    """
+    from .. import rep_main
+
+    captured: dict[str, list[TrainingKeys]] = {}
+    real = rep_main.gather_training_keys
+
+    def recording(model, tok, request, pert, templates, path, *args, **kwargs):
+        keys = real(model, tok, request, pert, templates, path, *args, **kwargs)
+        captured.setdefault(path, []).append(keys)
+        return keys
+
+    rep_main.gather_training_keys = recording
+    try:
+        yield captured
+    finally:
+        rep_main.gather_training_keys = real

@@ -104,6 +104,7 @@ def run(args) -> None:
         progress["batch_seconds"].append(time.perf_counter() - t0)
         if args.merge_rank:
             progress.setdefault("merges", []).append(_merge(model, hp.rep, groups, captured, args.merge_rank))
+            print(f"merged: {json.dumps(progress['merges'][-1])}", flush=True)
             _save_keys(groups, out / "state")
         progress["batches_done"] = b + 1
         progress["edited_params"] = sorted(edited)
@@ -146,6 +147,7 @@ def _merge(model, rep, groups: dict[str, list], captured: dict[str, list], rank:
 
 
 def _save_keys(groups: dict[str, list], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     state = {path: [dataclasses.asdict(k) for k in kept] for path, kept in groups.items()}
     torch.save(state, directory / "keys.tmp")
     os.replace(directory / "keys.tmp", directory / "training_keys.pt")

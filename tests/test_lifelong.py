@@ -88,8 +88,8 @@ def test_merging_after_each_batch_keeps_one_adapter_per_layer_and_resumes(tmp_pa
     assert merge["edits"] == 5
     assert all(len(k.negatives) == lifelong.MERGE_NEGATIVES_PER_EDIT for k in groups["down_proj"])
 
-    lifelong._save_keys(groups, tmp_path)
-    back = lifelong._load_keys(tmp_path)
+    lifelong._save_keys(groups, tmp_path / "state")  # before the first batch's state is written
+    back = lifelong._load_keys(tmp_path / "state")
     assert len(back["down_proj"]) == 5
     for a, b in zip(groups["down_proj"], back["down_proj"]):
         assert torch.equal(a.positives, b.positives) and torch.equal(a.negatives, b.negatives)

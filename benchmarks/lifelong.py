@@ -208,6 +208,8 @@ def _load_state(model, directory: Path) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in load_file(str(directory / "weights.safetensors")).items():
+            if ".rep_pathway." in name:  # a state saved before 34afcfd8 holds the adapters' switches too
+                continue
             params[name].copy_(value.to(params[name].device))
     load_pathway(model, directory / "pathway")
     load_history_state(model, torch.load(directory / "alphaedit_history.pt"))

@@ -46,6 +46,10 @@ def test_state_round_trip(tiny_model, tokenizer, tmp_path):
         active = f"{path}.rep_pathway.adapters.0.active"
         assert active in dict(model.named_parameters())
         lifelong._save_state(model, tmp_path / "state", sorted(copy) + [active])
+        # a state saved before that fix holds the switch among the weights too: it still loads
+        from safetensors.torch import load_file, save_file
+        weights = tmp_path / "state" / "weights.safetensors"
+        save_file({**load_file(str(weights)), active: torch.ones(())}, str(weights))
 
         # a fresh start: unedited weights, no pathway, no cumulative term
         remove_pathways(model)

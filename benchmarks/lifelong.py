@@ -139,7 +139,8 @@ def _merge(model, rep, groups: dict[str, list], captured: dict[str, list], rank:
     t0 = time.perf_counter()
     gate = {}
     for path, new in captured.items():
-        groups.setdefault(path, []).extend(slimmed(k, MERGE_NEGATIVES_PER_EDIT, seed=i) for i, k in enumerate(new))
+        kept = groups.setdefault(path, [])
+        kept.extend(slimmed(k, MERGE_NEGATIVES_PER_EDIT, seed=len(kept) + i) for i, k in enumerate(new))
     for path, kept in groups.items():
         _, report = merge_adapters(model, path, kept, rep, rank=rank)
         gate[path] = {"pos": report.gate_pos_fire, "neg": report.gate_neg_fire, "steps": report.steps}

@@ -8,7 +8,7 @@ any EasyEdit method.
 from .core.adapter import GatedLowRankAdapter
 from .core.config import REPConfig
 from .hparams import HParamsError, REPHyperParams
-from .core.merging import merge_adapters
+from .core.merging import merge_adapters, recording_training_keys
 from .core.pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
 from .core.persistence import PathwayLayoutError, load_pathway, save_edited_model, save_pathway
 from .registration import register
@@ -21,5 +21,5 @@ __all__ = [
     "GatedLowRankAdapter", "RobustEditPathway", "REPConfig", "REPHyperParams", "HParamsError",
     "EditRequestError", "LayoutError", "apply_rep_to_model", "installed_paths", "prune_inactive",
     "remove_pathways", "register", "REGISTERED", "save_pathway", "load_pathway", "save_edited_model",
-    "PathwayLayoutError", "merge_adapters",
+    "PathwayLayoutError", "merge_adapters", "recording_training_keys",
 ]

@@ -20,6 +20,14 @@ from .pathway import detach_adapter, get_module, install, pathway_of
 from .training import TrainingKeys, TrainingReport, train_adapter
 
 
+def _some_rows(rows: torch.Tensor, at_most: int | None, seed: int) -> torch.Tensor:
+    """`rows`, or `at_most` of them drawn without repeats (seeded, in their order) where there are more."""
+    if not at_most or len(rows) <= at_most:
+        return rows
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), at_most, replace=False))
+    return rows[torch.as_tensor(idx, device=rows.device)]
+
+
 def union_of_keys(groups: Sequence[TrainingKeys], max_negatives: int | None = None,
                   seed: int = 0) -> TrainingKeys:
     """One TrainingKeys whose positives carry their own edit's key as target."""
@@ -30,10 +38,7 @@ def union_of_keys(groups: Sequence[TrainingKeys], max_negatives: int | None = No
     whitened = None
     if all(g.target_whitened is not None for g in groups):
         whitened = torch.cat([g.target_whitened.expand(len(g.positives), -1) for g in groups])
-    negatives = torch.cat([g.negatives for g in groups])
-    if max_negatives and len(negatives) > max_negatives:
-        idx = np.sort(np.random.default_rng(seed).choice(len(negatives), max_negatives, replace=False))
-        negatives = negatives[torch.as_tensor(idx)]
+    negatives = _some_rows(torch.cat([g.negatives for g in groups]), max_negatives, seed)
     return TrainingKeys(positives=positives, negatives=negatives, target=targets, target_whitened=whitened)
 
 
@@ -68,11 +73,8 @@ def slimmed(keys: TrainingKeys, max_negatives: int, seed: int = 0) -> TrainingKe
     A merge caps the union's negatives anyway; keeping every edit's 1,000-odd corpus keys would make
     a long run's memory grow by megabytes per edit for keys the cap throws away.
     """
-    negatives = keys.negatives
-    if len(negatives) > max_negatives:
-        idx = np.sort(np.random.default_rng(seed).choice(len(negatives), max_negatives, replace=False))
-        negatives = negatives[torch.as_tensor(idx, device=negatives.device)]
-    return TrainingKeys(positives=keys.positives.detach(), negatives=negatives.detach(),
+    return TrainingKeys(positives=keys.positives.detach(),
+                        negatives=_some_rows(keys.negatives, max_negatives, seed).detach(),
                         target=keys.target.detach(),
                         target_whitened=None if keys.target_whitened is None else keys.target_whitened.detach())
 

@@ -18,21 +18,14 @@ every edit's training keys. This probe scores every edit so far on that model th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _lifelong():
-    spec = importlib.util.spec_from_file_location("lifelong", ROOT / "benchmarks" / "lifelong.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -58,7 +51,8 @@ def main() -> None:
     from rep_easyedit.eval.runner import perturbation_settings
     from rep_easyedit.model_loading import load_model_and_tokenizer
 
-    lifelong = _lifelong()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lifelong
     hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
     rep = hp.rep
     records = lifelong._records(lifelong.DATA[args.model])[:args.n]

@@ -8,7 +8,8 @@ and fluency (on the first `--fluency-cases` edits). The model state (edited weig
 AlphaEdit's cumulative term) is saved after every batch under `<out>/<alg>/state/` (not kept in
 git), so a killed run resumes where it stopped, and a finished one goes on to a larger `--n`. With
 `--merge-rank R` each layer's adapters are swapped after every batch for one adapter of rank R
-retrained on every edit's keys so far (`rep_easyedit.core.merging`), so the pathway's forward cost
+retrained on every edit's keys so far (`rep_easyedit.core.merging`, keys kept by
+`rep_easyedit.recording_training_keys`), so the pathway's forward cost
 stays one adapter per layer; the keys are kept in the state too.
 
     OMP_NUM_THREADS=1 python benchmarks/lifelong.py run --alg AlphaEdit --n 200 --batch 10 \\
@@ -46,7 +47,7 @@ def run(args) -> None:
     set_threads_from_env()
     import rep_easyedit  # noqa: F401
     from rep_easyedit.backends import get_backend
-    from rep_easyedit.core.merging import recording_training_keys
+    from rep_easyedit.rep_main import recording_training_keys
     from rep_easyedit.core.perturbations import build_perturbations
     from rep_easyedit.editing import load_hparams
     from rep_easyedit.eval.metrics import locality_reference

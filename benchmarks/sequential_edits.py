@@ -50,7 +50,7 @@ def main() -> None:
     from rep_easyedit.editing import apply_edit, load_hparams
     from rep_easyedit.eval.metrics import locality_reference
     from rep_easyedit.model_loading import load_model_and_tokenizer
-    from rep_easyedit.core.merging import recording_training_keys
+    from rep_easyedit.rep_main import recording_training_keys
     from rep_easyedit.core.perturbations import build_perturbations
 
     hp = load_hparams(ROOT / f"hparams/{args.alg}/smollm2-135m.yaml")

@@ -8,11 +8,11 @@ any EasyEdit method.
 from .core.adapter import GatedLowRankAdapter
 from .core.config import REPConfig
 from .hparams import HParamsError, REPHyperParams
-from .core.merging import merge_adapters, recording_training_keys
+from .core.merging import merge_adapters
 from .core.pathway import RobustEditPathway, installed_paths, prune_inactive, remove_pathways
 from .core.persistence import PathwayLayoutError, load_pathway, save_edited_model, save_pathway
 from .registration import register
-from .rep_main import LayoutError, apply_rep_to_model
+from .rep_main import LayoutError, apply_rep_to_model, recording_training_keys
 from .core.requests import EditRequestError
 
 REGISTERED = register()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy as copy_module
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -384,3 +385,26 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
         for _, adapter in installed:
             weights_copy[names[id(adapter.active)]] = torch.zeros_like(adapter.active)
     return model, weights_copy
+
+
+@contextlib.contextmanager
+def recording_training_keys() -> Iterator[dict[str, list[TrainingKeys]]]:
+    """Within the block, every REP edit's training keys are kept per layer path (what `merge_adapters` retrains on).
+
+    Yields the dict it fills, in edit order. The kept objects are the ones training used (the
+    whitened target is set on them after collection), so slim them only once their edit is done.
+    """
+    global gather_training_keys
+    captured: dict[str, list[TrainingKeys]] = {}
+    real = gather_training_keys
+
+    def recording(model, tok, request, pert, templates, path, *args, **kwargs):
+        keys = real(model, tok, request, pert, templates, path, *args, **kwargs)
+        captured.setdefault(path, []).append(keys)
+        return keys
+
+    gather_training_keys = recording
+    try:
+        yield captured
+    finally:
+        gather_training_keys = real

@@ -90,7 +90,7 @@ def test_merging_trains_with_the_whole_rep_config(monkeypatch):
 
 def test_recording_keeps_each_edits_keys_per_layer_and_puts_the_collector_back():
     from rep_easyedit import rep_main
-    from rep_easyedit.core.merging import recording_training_keys
+    from rep_easyedit.rep_main import recording_training_keys
 
     real = rep_main.gather_training_keys
     calls = iter([_edit_keys(1), _edit_keys(2), _edit_keys(3)])

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import runpy
+import types
 import time
 from pathlib import Path
 
@@ -51,8 +52,7 @@ def main() -> None:
     from rep_easyedit.eval.runner import perturbation_settings
     from rep_easyedit.model_loading import load_model_and_tokenizer
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import lifelong
+    lifelong = types.SimpleNamespace(**runpy.run_path(str(ROOT / "benchmarks" / "lifelong.py")))
     hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
     rep = hp.rep
     records = lifelong._records(lifelong.DATA[args.model])[:args.n]

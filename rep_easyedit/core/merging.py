@@ -9,8 +9,7 @@ negatives. Whether that keeps quality as edits accumulate is measured by
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -77,27 +76,3 @@ def slimmed(keys: TrainingKeys, max_negatives: int, seed: int = 0) -> TrainingKe
                         negatives=_some_rows(keys.negatives, max_negatives, seed).detach(),
                         target=keys.target.detach(),
                         target_whitened=None if keys.target_whitened is None else keys.target_whitened.detach())
-
-
-@contextlib.contextmanager
-def recording_training_keys() -> Iterator[dict[str, list[TrainingKeys]]]:
-    """Within the block, every REP edit's training keys are kept per layer path (what a merge retrains on).
-
-    Yields the dict it fills, in edit order. The kept objects are the ones training used (the
-    whitened target is set on them after collection), so slim them only once their edit is done.
-    """
-    from .. import rep_main
-
-    captured: dict[str, list[TrainingKeys]] = {}
-    real = rep_main.gather_training_keys
-
-    def recording(model, tok, request, pert, templates, path, *args, **kwargs):
-        keys = real(model, tok, request, pert, templates, path, *args, **kwargs)
-        captured.setdefault(path, []).append(keys)
-        return keys
-
-    rep_main.gather_training_keys = recording
-    try:
-        yield captured
-    finally:
-        rep_main.gather_training_keys = real

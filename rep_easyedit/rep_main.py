@@ -28,7 +28,7 @@ from .core.devices import padding_side
 from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .core.perturbations import Perturbations, build_perturbations, sibling_subjects, with_context, with_subject
 from .core.requests import validate_requests
-from .core.training import TrainingKeys, train_adapter
+from .core.training import TrainingKeys, freeze, fresh_adapter, train_adapter
 
 
 class LayoutError(ValueError):
@@ -239,18 +239,15 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(pert.seed + layer)
-                adapter = GatedLowRankAdapter(keys.positives.shape[-1], rep.rank, rep.gate_ratio, rep.tau)
-            adapter.to(get_module(model, path).weight.device)
+            adapter = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, pert.seed + layer,
+                                    get_module(model, path).weight.device)
             t1 = time.perf_counter()
             report = train_adapter(adapter, keys, rep)
             report.seconds_keys = t_keys
             report.seconds_train = time.perf_counter() - t1
             report.seconds_per_step = report.seconds_train / max(1, report.steps)
             report.collection = dict(keys.collection or {})
-            for p in adapter.parameters():
-                p.requires_grad_(False)
+            freeze(adapter)
             fitted.append((path, adapter, report))
             if len(fitted) < len(paths):
                 lower_adapters.enter_context(pathway_installed(model, path, adapter))

@@ -11,7 +11,7 @@ every edit's training keys. This probe scores every edit so far on that model th
   gate, as with the merged pathway.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lab/probe_screen.py \\
-        --state benchmarks/results/lifelong/smollm2_merged/REP-AlphaEdit/state_50 --n 50 \\
+        --state /tmp/state_merged50 --n 50   # a copy of the run's 50-edit state \\
         --out benchmarks/results/lifelong/probe_screen.json
 """
 
@@ -24,7 +24,6 @@ import types
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,10 +42,9 @@ def main() -> None:
 
     set_threads_from_env()
     import rep_easyedit  # noqa: F401
-    from rep_easyedit.core.adapter import GatedLowRankAdapter
     from rep_easyedit.core.pathway import RobustEditPathway, get_module, install, pathway_of, remove_pathways
     from rep_easyedit.core.perturbations import build_perturbations
-    from rep_easyedit.core.training import train_adapter
+    from rep_easyedit.core.training import freeze, fresh_adapter, train_adapter
     from rep_easyedit.editing import load_hparams
     from rep_easyedit.eval.metrics import locality_reference
     from rep_easyedit.eval.runner import perturbation_settings
@@ -78,13 +76,9 @@ def main() -> None:
     for path, kept in groups.items():
         device = get_module(model, path).weight.device
         for i, keys in enumerate(kept):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rep.seed + i)
-                adapter = GatedLowRankAdapter(keys.positives.shape[-1], rep.rank, rep.gate_ratio, rep.tau).to(device)
+            adapter = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, rep.seed + i, device)
             train_adapter(adapter, keys, rep)
-            for p in adapter.parameters():
-                p.requires_grad_(False)
-            install(model, path, adapter)
+            install(model, path, freeze(adapter))
     retrain_s = time.perf_counter() - t0
     check("stacked")
 

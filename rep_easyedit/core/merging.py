@@ -16,7 +16,7 @@ import torch
 
 from .adapter import GatedLowRankAdapter
 from .pathway import detach_adapter, get_module, install, pathway_of
-from .training import TrainingKeys, TrainingReport, train_adapter
+from .training import TrainingKeys, TrainingReport, freeze, fresh_adapter, train_adapter
 
 
 def _some_rows(rows: torch.Tensor, at_most: int | None, seed: int) -> torch.Tensor:
@@ -53,13 +53,9 @@ def merge_adapters(model, path: str, groups: Sequence[TrainingKeys], rep, rank: 
     current = list(pathway_of(module).adapters) if pathway_of(module) is not None else []
     keys = union_of_keys(groups, max_negatives=max_negatives or 4 * rep.num_negatives, seed=rep.seed)
     dim = keys.positives.shape[-1]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rep.seed)
-        merged = GatedLowRankAdapter(dim, min(dim, rank or rep.rank * len(groups)), rep.gate_ratio, rep.tau)
-    merged.to(module.weight.device)
+    merged = fresh_adapter(dim, min(dim, rank or rep.rank * len(groups)), rep, rep.seed, module.weight.device)
     report = train_adapter(merged, keys, rep, steps=steps)
-    for p in merged.parameters():
-        p.requires_grad_(False)
+    freeze(merged)
     for adapter in current:
         detach_adapter(model, path, adapter)
     install(model, path, merged)

@@ -89,6 +89,21 @@ def _require_finite(loss: torch.Tensor) -> None:
                                  f"lower `rep.lr` or `rep.alpha`")
 
 
+def fresh_adapter(dim: int, rank: int, rep, seed: int, device) -> GatedLowRankAdapter:
+    """An untrained adapter with `rep`'s gate, its initial weights drawn from `seed` alone (the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = GatedLowRankAdapter(dim, rank, rep.gate_ratio, rep.tau)
+    return adapter.to(device)
+
+
+def freeze(adapter: GatedLowRankAdapter) -> GatedLowRankAdapter:
+    """A trained adapter's parameters out of autograd (an installed adapter never trains again)."""
+    for p in adapter.parameters():
+        p.requires_grad_(False)
+    return adapter
+
+
 def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
                   steps: int | None = None) -> TrainingReport:
     """Full-batch Adam on cached keys (float32, on the adapter's device), settings from `rep`.

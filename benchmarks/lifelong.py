@@ -10,7 +10,9 @@ git), so a killed run resumes where it stopped, and a finished one goes on to a 
 `--merge-rank R` each layer's adapters are swapped after every batch for one adapter of rank R
 retrained on every edit's keys so far (`rep_easyedit.core.merging`, keys kept by
 `rep_easyedit.recording_training_keys`), so the pathway's forward cost
-stays one adapter per layer; the keys are kept in the state too.
+stays one adapter per layer; the keys are kept in the state too. `--set rep.merge_rank=R` merges
+inside each edit instead, before the backend's update (`rep.merge_rank`), so the update is fitted
+through the pathway the model keeps.
 
     OMP_NUM_THREADS=1 python benchmarks/lifelong.py run --alg AlphaEdit --n 200 --batch 10 \\
         --checkpoints 10,50,100,200 --out benchmarks/results/lifelong/smollm2
@@ -59,9 +61,10 @@ def run(args) -> None:
     hp.device = args.device
     overrides = dict(kv.split("=", 1) for kv in args.set)
     for key, value in overrides.items():
-        if not hasattr(hp, key):
+        owner, field = (hp.rep, key[len("rep."):]) if key.startswith("rep.") else (hp, key)
+        if not hasattr(owner, field):
             raise SystemExit(f"--set {key}=...: {hp_path} has no field {key!r}")
-        setattr(hp, key, type(getattr(hp, key))(value))
+        setattr(owner, field, type(getattr(owner, field))(value))
     out = Path(args.out) / args.alg
     out.mkdir(parents=True, exist_ok=True)
     config = {"alg": args.alg, "model": args.model, "data": args.data or DATA[args.model],
@@ -120,6 +123,8 @@ def run(args) -> None:
             if args.merge_rank:
                 result["summary"].update(method=f"{args.alg} (merged, rank {args.merge_rank})",
                                          merge_seconds_last=progress["merges"][-1]["seconds"])
+            elif getattr(getattr(hp, "rep", None), "merge_rank", 0):
+                result["summary"].update(method=f"{args.alg} (merged in the edit, rank {hp.rep.merge_rank})")
             (out / f"checkpoint_{done}.json").write_text(json.dumps(result, indent=1))
             print(json.dumps(result["summary"]), flush=True)
 
@@ -294,7 +299,7 @@ def main() -> None:
                    help="after each batch, swap each layer's adapters for one of this rank retrained on every "
                         "edit's keys so far (0: keep one adapter per edit and layer)")
     r.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="hparams fields to override (e.g. nullspace_threshold=5e-3 L2=10)")
+                   help="hparams fields to override (e.g. nullspace_threshold=5e-3 L2=10 rep.merge_rank=128)")
     r.add_argument("--out", default=str(ROOT / "benchmarks/results/lifelong"))
     p = sub.add_parser("report")
     p.add_argument("--runs", nargs="+", required=True)

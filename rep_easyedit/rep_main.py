@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import logging
 import time
 from typing import Iterator
 
@@ -23,12 +24,16 @@ from .compat.easyedit import editor_uses_sequential_flag, shims_applied
 from .core.health import check_health, pathway_health
 from .hparams import REPHyperParams
 from .core.key_cache import cached_token_keys
+from .core.merging import KEPT, KeysNotKept, merge_in_place, slimmed
 from .core.keys import collect_keys_flat, subject_last_index, subject_last_indices
 from .core.devices import padding_side
 from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
 from .core.perturbations import Perturbations, build_perturbations, sibling_subjects, with_context, with_subject
 from .core.requests import validate_requests
 from .core.training import TrainingKeys, freeze, fresh_adapter, train_adapter
+
+
+logger = logging.getLogger(__name__)
 
 
 class LayoutError(ValueError):
@@ -248,6 +253,8 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             report.seconds_per_step = report.seconds_train / max(1, report.steps)
             report.collection = dict(keys.collection or {})
             freeze(adapter)
+            if rep.merge_rank:  # what a later merge retrains this edit on
+                setattr(adapter, KEPT, [slimmed(keys, rep.merge_negatives_per_edit, seed=pert.seed + layer)])
             fitted.append((path, adapter, report))
             if len(fitted) < len(paths):
                 lower_adapters.enter_context(pathway_installed(model, path, adapter))
@@ -312,6 +319,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
     params = {n: p for n, p in model.named_parameters() if n in weight_names}
     snapshot = {n: p.detach().clone() for n, p in params.items()}
     installed: list[tuple[str, GatedLowRankAdapter]] = []
+    superseded: list[GatedLowRankAdapter] = []  # switched off by a merge; restore switches them on
     rep = hparams.rep
     try:
         with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
@@ -350,6 +358,29 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                                 "rep_total": time.perf_counter() - t1 + t_templates},
                 }
 
+            def merge_layers():
+                """`rep.merge_rank`: one adapter per layer again, before the backend reads keys through it."""
+                merges = {}
+                for path in paths.values():
+                    t1 = time.perf_counter()
+                    try:
+                        done = merge_in_place(model, path, rep, rep.merge_rank)
+                    except KeysNotKept as e:
+                        logger.warning("REP: %s; this edit's adapters are stacked instead of merged", e)
+                        merges[path] = {"merged": False, "reason": str(e)}
+                        continue
+                    if done is None:
+                        continue
+                    installed.append((path, done.merged))
+                    superseded.extend(done.superseded)
+                    merges[path] = {"merged": True, "adapters": len(done.superseded),
+                                    "edits": len(getattr(done.merged, KEPT)), "steps": done.report.steps,
+                                    "gate_pos_fire": done.report.gate_pos_fire,
+                                    "gate_neg_fire": done.report.gate_neg_fire,
+                                    "seconds": time.perf_counter() - t1}
+                for request in requests:
+                    request["rep"]["merge"] = merges
+
             def run_backend():
                 base_requests = [{k: v for k, v in r.items() if k != "rep"} for r in requests]
                 with _value_fit(backend, requests, rep):
@@ -359,18 +390,24 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
             if not rep.fit_after_update:
                 for request in requests:
                     fit_and_install(request)
+                if rep.merge_rank:
+                    merge_layers()
             t2 = time.perf_counter()
             model = run_backend()
             t_backend = time.perf_counter() - t2
             if rep.fit_after_update:
                 for request in requests:
                     fit_and_install(request)
+                if rep.merge_rank:
+                    merge_layers()
             for request in requests:
                 request["rep"]["seconds"]["backend"] = t_backend
     except BaseException:
         with torch.no_grad():
             for name, original in snapshot.items():
                 params[name].copy_(original)
+            for adapter in superseded:
+                adapter.active.fill_(1.0)
         for path, adapter in installed:
             detach_adapter(model, path, adapter)
         raise
@@ -378,8 +415,12 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
     weights_copy: dict = {}
     if return_orig_weights and (keep_original_weight or editor_uses_sequential_flag()):
         weights_copy.update(snapshot)
-        names = _param_names(model, [a.active for _, a in installed])
-        for _, adapter in installed:
+        new = [a for _, a in installed]
+        names = _param_names(model, [a.active for a in new + superseded])
+        for adapter in superseded:  # earlier edits' adapters a merge replaced: on again on restore
+            if all(adapter is not a for a in new):
+                weights_copy[names[id(adapter.active)]] = torch.ones_like(adapter.active)
+        for adapter in new:
             weights_copy[names[id(adapter.active)]] = torch.zeros_like(adapter.active)
     return model, weights_copy
 

@@ -1,5 +1,6 @@
 """Merging stacked adapters: one adapter trained on the union of their keys takes their place."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -126,3 +127,139 @@ def test_slimmed_keeps_positives_and_targets_and_caps_negatives():
     assert all(tuple(r.tolist()) in rows for r in slim.negatives)
     assert len({tuple(r.tolist()) for r in slim.negatives}) == 50
     assert torch.equal(slimmed(keys, 500).negatives, keys.negatives)
+
+
+# -- rep.merge_rank: merging inside the edit, before the backend's update ---------------------------
+
+def _live(model, path="model.layers.1.mlp.down_proj"):
+    from rep_easyedit.core.pathway import get_module
+
+    pathway = pathway_of(get_module(model, path))
+    return [a for a in pathway.adapters if float(a.active) != 0.0] if pathway is not None else []
+
+
+def _merging_hparams(tmp_path, **changes):
+    from conftest import tiny_hparams_dict
+    from rep_easyedit import REPHyperParams
+
+    return REPHyperParams.from_dict(tiny_hparams_dict("REP-ROME", tmp_path,
+                                                      **{"rep_merge_rank": 16, "rep_n_shuffles": 2, **changes}))
+
+
+EDITS = [("Ferrari F355 is produced by", "Ferrari F355", "BMW"),
+         ("Danielle Darrieux speaks", "Danielle Darrieux", "English"),
+         ("The Eiffel Tower is in", "The Eiffel Tower", "Rome")]
+
+
+def _request(i):
+    prompt, subject, target = EDITS[i]
+    return {"prompt": prompt, "subject": subject, "target_new": target, "case_id": i}
+
+
+def _restore(model, weights_copy):
+    """EasyEdit's restore: every name in weights_copy written back through the parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            params[name][...] = value
+
+
+def test_sequential_edits_keep_one_adapter_per_layer_carrying_every_edits_keys(tiny_model, tokenizer, tmp_path):
+    from rep_easyedit.editing import apply_edit
+
+    hp = _merging_hparams(tmp_path)
+    requests = [_request(i) for i in range(3)]
+    for i, request in enumerate(requests):
+        apply_edit(tiny_model, tokenizer, [request], hp)
+        live = _live(tiny_model)
+        assert len(live) == 1  # the first edit's own adapter, then one merged adapter
+        assert len(getattr(live[0], "kept_keys")) == i + 1
+    merge = requests[-1]["rep"]["merge"]["model.layers.1.mlp.down_proj"]
+    assert merge["merged"] and merge["edits"] == 3 and merge["adapters"] == 2 and live[0].rank == 16
+    assert requests[0]["rep"]["merge"] == {}  # one adapter per layer: nothing to merge
+
+
+def test_restoring_a_merging_edit_gives_back_the_pathway_before_it(tiny_model, tokenizer, tmp_path):
+    from rep_easyedit.editing import apply_edit
+
+    hp = _merging_hparams(tmp_path)
+    apply_edit(tiny_model, tokenizer, [_request(0)], hp)
+    apply_edit(tiny_model, tokenizer, [_request(1)], hp)
+    enc = tokenizer(["Ferrari F355 is produced by", "Danielle Darrieux speaks English"], return_tensors="pt",
+                    padding=True)
+    before_live = _live(tiny_model)
+    with torch.no_grad():
+        before = tiny_model(**enc).logits
+    weights_copy = apply_edit(tiny_model, tokenizer, [_request(2)], hp)
+    assert _live(tiny_model) != before_live  # the third edit replaced the merged adapter
+    _restore(tiny_model, weights_copy)
+    assert _live(tiny_model) == before_live
+    with torch.no_grad():
+        assert torch.equal(tiny_model(**enc).logits, before)
+
+
+def test_a_failed_merging_edit_leaves_pathway_and_weights_as_they_were(tiny_model, tokenizer, tmp_path,
+                                                                        monkeypatch):
+    import rep_easyedit.rep_main as rep_main
+    from rep_easyedit.editing import apply_edit
+
+    hp = _merging_hparams(tmp_path)
+    apply_edit(tiny_model, tokenizer, [_request(0)], hp)
+    apply_edit(tiny_model, tokenizer, [_request(1)], hp)
+    before_live, n_before = _live(tiny_model), len(pathway_of(tiny_model.model.layers[1].mlp.down_proj).adapters)
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    real = rep_main.get_backend
+
+    class Failing:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self._backend, name)
+
+        def apply(self, *args, **kwargs):
+            raise RuntimeError("backend failed after the merge")
+
+    monkeypatch.setattr(rep_main, "get_backend", lambda name: Failing(real(name)))
+    with pytest.raises(RuntimeError, match="after the merge"):
+        apply_edit(tiny_model, tokenizer, [_request(2)], hp)
+    assert _live(tiny_model) == before_live
+    assert len(pathway_of(tiny_model.model.layers[1].mlp.down_proj).adapters) <= n_before
+    after = tiny_model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state if ".rep_pathway." not in k)
+
+
+def test_kept_keys_survive_save_and_load_so_merging_goes_on(tiny_model, tokenizer, tmp_path):
+    from rep_easyedit.core.persistence import load_pathway, save_pathway
+    from rep_easyedit.core.pathway import remove_pathways
+    from rep_easyedit.editing import apply_edit
+
+    hp = _merging_hparams(tmp_path)
+    apply_edit(tiny_model, tokenizer, [_request(0)], hp)
+    apply_edit(tiny_model, tokenizer, [_request(1)], hp)
+    kept = getattr(_live(tiny_model)[0], "kept_keys")
+    save_pathway(tiny_model, tmp_path / "pw")
+    remove_pathways(tiny_model)
+    load_pathway(tiny_model, tmp_path / "pw")
+    loaded = getattr(_live(tiny_model)[0], "kept_keys")
+    assert len(loaded) == len(kept) == 2
+    for a, b in zip(kept, loaded):
+        assert torch.equal(a.positives, b.positives) and torch.equal(a.negatives, b.negatives)
+        assert torch.equal(a.target, b.target)
+    request = _request(2)
+    apply_edit(tiny_model, tokenizer, [request], hp)
+    assert request["rep"]["merge"]["model.layers.1.mlp.down_proj"]["edits"] == 3
+
+
+def test_adapters_without_kept_keys_are_stacked_with_a_warning_not_merged(tiny_model, tokenizer, tmp_path,
+                                                                           caplog):
+    from rep_easyedit.editing import apply_edit
+
+    apply_edit(tiny_model, tokenizer, [_request(0)], _merging_hparams(tmp_path, rep_merge_rank=0))
+    apply_edit(tiny_model, tokenizer, [_request(1)], _merging_hparams(tmp_path, rep_merge_rank=0))
+    request = _request(2)
+    with caplog.at_level("WARNING"):
+        apply_edit(tiny_model, tokenizer, [request], _merging_hparams(tmp_path))
+    assert len(_live(tiny_model)) == 3  # nothing dropped: the old edits' adapters could not be retrained
+    assert "carry no training keys" in caplog.text and "stacked instead" in caplog.text
+    assert request["rep"]["merge"]["model.layers.1.mlp.down_proj"]["merged"] is False

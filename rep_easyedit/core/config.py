@@ -28,6 +28,11 @@ class REPConfig:
     # backends (MEMIT, EMMET over several layers) move the keys of the upper edited layers when
     # they update the lower ones; a one-layer edit reads the same keys either way.
     fit_after_update: bool = False
+    # lifelong editing: 0 = every edit adds its own adapter per layer (forward cost grows with the
+    # number of edits); R > 0 = each layer's adapters, earlier ones included, are merged into one of
+    # rank R, retrained on every kept edit's keys, before the backend's update (core/merging.py)
+    merge_rank: int = 0
+    merge_negatives_per_edit: int = 256  # negatives kept per edit for later merges (memory bound)
     # adaptive stop (training.train_adapter): from min_steps on, stop once the aggregation loss has
     # plateaued (< stop_plateau relative gain over 10 steps) and the hard gate separates (at least
     # stop_pos_fire of the positives fire, at most stop_neg_fire of the negatives)
@@ -72,7 +77,8 @@ class REPConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
-                     "num_negatives", "corpus_negative_texts", "sibling_negatives"):
+                     "num_negatives", "corpus_negative_texts", "sibling_negatives", "merge_rank",
+                     "merge_negatives_per_edit"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:

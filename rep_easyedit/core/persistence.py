@@ -4,6 +4,8 @@ Layout of a pathway directory:
 
 - ``adapters.safetensors``: every installed adapter's tensors (float32), keyed
   ``<module path>.rep_pathway.adapters.<i>.<param>`` (the names `model.state_dict()` gives them).
+- ``kept_keys.safetensors`` (only where adapters keep their edits' keys for later merges,
+  `rep.merge_rank`): keyed ``<module path>.rep_pathway.adapters.<i>.kept.<j>.<field>``.
 - ``pathway.json``: format version, the model it was saved from (``config._name_or_path``,
   ``model_type``, ``num_hidden_layers``, ``intermediate_size``), per module path the adapters'
   shapes and settings (dim, rank, gate hidden size, τ, active), and optionally the edit's hparams.
@@ -30,10 +32,14 @@ import torch
 from torch import nn
 
 from .adapter import GatedLowRankAdapter
+from .merging import KEPT
+from .training import TrainingKeys
 from .pathway import ATTR, get_module, install, installed_paths, pathway_of, remove_pathways
 
 FORMAT_VERSION = 1
 ADAPTERS_FILE = "adapters.safetensors"
+KEPT_FILE = "kept_keys.safetensors"
+_KEPT_FIELDS = ("positives", "negatives", "target", "target_whitened")
 PATHWAY_FILE = "pathway.json"
 _FORMAT_TAG = "rep_easyedit.core.pathway"
 
@@ -78,13 +84,41 @@ def _in_features(module: nn.Module) -> int | None:
 
 
 def _adapter_info(adapter: GatedLowRankAdapter) -> dict:
-    return {
+    info = {
         "dim": int(adapter.dim),
         "rank": int(adapter.rank),
         "gate_hidden": int(adapter.gate[0].out_features),
         "tau": float(adapter.tau),
         "active": float(adapter.active.detach().float().cpu()),
     }
+    if getattr(adapter, KEPT, None) is not None:
+        info["kept_edits"] = len(getattr(adapter, KEPT))
+    return info
+
+
+def kept_key_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every installed adapter's kept training keys (`rep.merge_rank`), flat for safetensors."""
+    out = {}
+    for path in installed_paths(model):
+        for i, adapter in enumerate(pathway_of(get_module(model, path)).adapters):
+            for j, keys in enumerate(getattr(adapter, KEPT, None) or []):
+                for field in _KEPT_FIELDS:
+                    value = getattr(keys, field)
+                    if value is not None:
+                        out[f"{path}.{ATTR}.adapters.{i}.kept.{j}.{field}"] = \
+                            value.detach().to("cpu", torch.float32).contiguous().clone()
+    return out
+
+
+def _kept_keys_of(tensors: dict[str, torch.Tensor], prefix: str, count: int) -> list[TrainingKeys]:
+    kept = []
+    for j in range(count):
+        fields = {f: tensors.get(f"{prefix}kept.{j}.{f}") for f in _KEPT_FIELDS}
+        missing = [f for f in ("positives", "negatives", "target") if fields[f] is None]
+        if missing:
+            raise PathwayLayoutError(f"{KEPT_FILE} lacks {prefix}kept.{j}.{missing[0]}")
+        kept.append(TrainingKeys(**fields))
+    return kept
 
 
 def _jsonable(value: Any) -> Any:
@@ -149,6 +183,11 @@ def save_pathway(model: nn.Module, directory: str | os.PathLike, hparams: Any = 
     }
     save_file(tensors, str(directory / ADAPTERS_FILE),
               metadata={"format": _FORMAT_TAG, "format_version": str(FORMAT_VERSION)})
+    kept = kept_key_tensors(model)
+    if kept:
+        save_file(kept, str(directory / KEPT_FILE))
+    elif (directory / KEPT_FILE).exists():  # an older save's keys must not be read as this pathway's
+        (directory / KEPT_FILE).unlink()
     out = directory / PATHWAY_FILE
     out.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
@@ -226,6 +265,7 @@ def load_pathway(model: nn.Module, directory: str | os.PathLike, replace: bool =
         raise PathwayLayoutError(f"the model already carries REP pathways at {existing}; pass "
                                  f"replace=True to swap them for the saved one")
     tensors = load_file(str(directory / ADAPTERS_FILE))
+    kept = load_file(str(directory / KEPT_FILE)) if (directory / KEPT_FILE).is_file() else {}
     built: list[tuple[str, GatedLowRankAdapter]] = []
     expected_keys = set()
     for path, entry in meta["pathways"].items():
@@ -246,6 +286,8 @@ def load_pathway(model: nn.Module, directory: str | os.PathLike, replace: bool =
             adapter.load_state_dict(state, strict=True)
             for p in adapter.parameters():
                 p.requires_grad_(False)
+            if info.get("kept_edits"):
+                setattr(adapter, KEPT, _kept_keys_of(kept, prefix, int(info["kept_edits"])))
             built.append((path, adapter.eval()))
     extra = sorted(set(tensors) - expected_keys)
     if extra:

@@ -233,8 +233,9 @@ def _check(model, tok, records, perts, refs, fluency_cases: int) -> dict:
         for i, (record, pert, ref) in enumerate(zip(records, perts, refs)):
             scores = evaluate_case(model, tok, record, pert, ref, fluency=i < fluency_cases, metrics=METRICS)
             rows.append({"case_id": record["case_id"], **{k: scores.get(k) for k in COLUMNS}})
-    summary = {"adapters_installed": sum(len(pathway_of(get_module(model, p)).adapters)
-                                         for p in installed_paths(model)),
+    # live adapters only: those a merge switched off stay installed until the next edit prunes them
+    summary = {"adapters_installed": sum(float(a.active) != 0.0 for p in installed_paths(model)
+                                         for a in pathway_of(get_module(model, p)).adapters),
                "check_seconds": time.perf_counter() - t0}
     for key in COLUMNS:
         values = [r[key] for r in rows if r[key] is not None]

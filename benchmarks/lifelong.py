@@ -104,7 +104,10 @@ def run(args) -> None:
         edited = set(progress.get("edited_params", []))
         with recording_training_keys() if args.merge_rank else contextlib.nullcontext() as captured:
             for i in range(0, len(batch), per_call):
-                edited |= _edit(model, tok, batch[i:i + per_call], hp)
+                names, merged = _edit(model, tok, batch[i:i + per_call], hp)
+                edited |= names
+            if merged:
+                progress.setdefault("merges_in_edit", []).append(merged)
         progress["batch_seconds"].append(time.perf_counter() - t0)
         if args.merge_rank:
             progress.setdefault("merges", []).append(_merge(model, hp.rep, groups, captured, args.merge_rank))
@@ -181,13 +184,15 @@ def _records(files: list[str]) -> list[dict]:
     return out
 
 
-def _edit(model, tok, records, hp) -> set[str]:
-    """Edit `records` into the model for good; the names of the weights it changed."""
+def _edit(model, tok, records, hp) -> tuple[set[str], dict]:
+    """Edit `records` into the model for good: the names of the weights it changed, and what
+    `rep.merge_rank` merged in the edit (per layer: steps, gate fire, seconds; empty otherwise)."""
     from rep_easyedit.editing import apply_edit
     from rep_easyedit.eval.runner import edit_request
 
-    weights_copy = apply_edit(model, tok, [edit_request(r) for r in records], hp)
-    return set(weights_copy)
+    requests = [edit_request(r) for r in records]
+    weights_copy = apply_edit(model, tok, requests, hp)
+    return set(weights_copy), requests[-1].get("rep", {}).get("merge", {})
 
 
 def _save_state(model, directory: Path, edited: list[str]) -> None:

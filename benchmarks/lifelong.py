@@ -227,6 +227,30 @@ def _load_state(model, directory: Path) -> None:
     load_history_state(model, torch.load(directory / "alphaedit_history.pt"))
 
 
+def state_for_scoring(alg: str, model_name: str, n: int, state: Path):
+    """For probes of a run's saved state: (hparams, records, model with the state loaded, tok,
+    perturbations, locality references read before loading), as `run` scores its checkpoints."""
+    from rep_easyedit.eval.runner import set_threads_from_env
+
+    set_threads_from_env()
+    import rep_easyedit  # noqa: F401
+    from rep_easyedit.core.perturbations import build_perturbations
+    from rep_easyedit.editing import load_hparams
+    from rep_easyedit.eval.metrics import locality_reference
+    from rep_easyedit.eval.runner import perturbation_settings
+    from rep_easyedit.model_loading import load_model_and_tokenizer
+
+    hp = load_hparams(ROOT / f"hparams/{alg}/{model_name}.yaml")
+    records = _records(DATA[model_name])[:n]
+    model, tok = load_model_and_tokenizer(model_name)
+    settings = {**perturbation_settings(hp), "n_long": 0}
+    settings.pop("corpus")
+    perts = [build_perturbations(r, tok, [], **settings) for r in records]
+    refs = [locality_reference(model, tok, r) for r in records]
+    _load_state(model, Path(state))
+    return hp, records, model, tok, perts, refs
+
+
 def _check(model, tok, records, perts, refs, fluency_cases: int) -> dict:
     """Score every edit made so far on the model as it is now."""
     from rep_easyedit.core.pathway import get_module, installed_paths, pathway_of

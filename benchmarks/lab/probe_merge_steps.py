@@ -53,27 +53,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from rep_easyedit.eval.runner import set_threads_from_env
-
-    set_threads_from_env()
-    import rep_easyedit  # noqa: F401
     from rep_easyedit.core.merging import KEPT, _trained_on
     from rep_easyedit.core.pathway import detach_adapter, get_module, install, installed_paths, pathway_of
-    from rep_easyedit.core.perturbations import build_perturbations
-    from rep_easyedit.editing import load_hparams
-    from rep_easyedit.eval.metrics import locality_reference
-    from rep_easyedit.eval.runner import perturbation_settings
-    from rep_easyedit.model_loading import load_model_and_tokenizer
 
     lifelong = types.SimpleNamespace(**runpy.run_path(str(ROOT / "benchmarks" / "lifelong.py")))
-    hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
-    records = lifelong._records(lifelong.DATA[args.model])[:args.n]
-    model, tok = load_model_and_tokenizer(args.model)
-    settings = {**perturbation_settings(hp), "n_long": 0}
-    settings.pop("corpus")
-    perts = [build_perturbations(r, tok, [], **settings) for r in records]
-    refs = [locality_reference(model, tok, r) for r in records]
-    lifelong._load_state(model, Path(args.state))
+    hp, records, model, tok, perts, refs = lifelong.state_for_scoring(args.alg, args.model, args.n, args.state)
     longer = dataclasses.replace(hp.rep, adaptive_stop=False)
     layers = {}
     for path in installed_paths(model):

@@ -387,19 +387,19 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                     return backend.apply(model, tok, base_requests, base_hp, copy=False,
                                          return_orig_weights=True, keep_original_weight=True, **kwargs)[0]
 
-            if not rep.fit_after_update:
+            def fit_all():
                 for request in requests:
                     fit_and_install(request)
                 if rep.merge_rank:
                     merge_layers()
+
+            if not rep.fit_after_update:
+                fit_all()
             t2 = time.perf_counter()
             model = run_backend()
             t_backend = time.perf_counter() - t2
             if rep.fit_after_update:
-                for request in requests:
-                    fit_and_install(request)
-                if rep.merge_rank:
-                    merge_layers()
+                fit_all()
             for request in requests:
                 request["rep"]["seconds"]["backend"] = t_backend
     except BaseException:
@@ -416,9 +416,10 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
     if return_orig_weights and (keep_original_weight or editor_uses_sequential_flag()):
         weights_copy.update(snapshot)
         new = [a for _, a in installed]
+        new_ids = {id(a) for a in new}
         names = _param_names(model, [a.active for a in new + superseded])
         for adapter in superseded:  # earlier edits' adapters a merge replaced: on again on restore
-            if all(adapter is not a for a in new):
+            if id(adapter) not in new_ids:
                 weights_copy[names[id(adapter.active)]] = torch.ones_like(adapter.active)
         for adapter in new:
             weights_copy[names[id(adapter.active)]] = torch.zeros_like(adapter.active)

@@ -95,7 +95,7 @@ class KeysNotKept(ValueError):
     """An adapter at the layer carries no training keys (e.g. loaded from a pathway saved without them)."""
 
 
-def merge_in_place(model, path: str, rep, rank: int, max_negatives: int | None = None) -> InPlaceMerge | None:
+def merge_in_place(model, path: str, rep, rank: int) -> InPlaceMerge | None:
     """One adapter of `rank` at `path` for every live adapter there, trained on all their kept keys.
 
     None where there is nothing to merge (one live adapter at most). Raises `KeysNotKept`, changing
@@ -112,7 +112,7 @@ def merge_in_place(model, path: str, rep, rank: int, max_negatives: int | None =
                           f"(loaded from a pathway saved without them, or trained with rep.merge_rank: 0), "
                           f"so a merge would lose their edits")
     groups = [k for a in live for k in getattr(a, KEPT)]
-    merged, report = _trained_on(groups, rep, rank, None, max_negatives, module.weight.device)
+    merged, report = _trained_on(groups, rep, rank, None, None, module.weight.device)
     setattr(merged, KEPT, groups)
     with torch.no_grad():
         for adapter in live:

@@ -37,6 +37,16 @@ RECIPES = {
     "adaptive_lr3e-3": dict(steps=200, lr=3e-3, adaptive_stop=True),
     "adaptive_lr1e-2": dict(steps=200, lr=1e-2, adaptive_stop=True),
     "adaptive_lr3e-3_plateau0.03": dict(steps=200, lr=3e-3, adaptive_stop=True, stop_plateau=0.03),
+    # issue 16: cheaper steps (a smaller gate, a sample of the negatives per step) or fewer (a higher lr)
+    "default": dict(),
+    "gate0.05": dict(gate_ratio=0.05),
+    "gate0.025": dict(gate_ratio=0.025),
+    "negstep256": dict(negatives_per_step=256),
+    "negstep128": dict(negatives_per_step=128),
+    "lr6e-3": dict(lr=6e-3),
+    "gate0.025_negstep256": dict(gate_ratio=0.025, negatives_per_step=256),
+    "gate0.05_negstep256": dict(gate_ratio=0.05, negatives_per_step=256),
+    "gate0.025_negstep256_lr6e-3": dict(gate_ratio=0.025, negatives_per_step=256, lr=6e-3),
 }
 
 

@@ -44,6 +44,7 @@ class REPConfig:
     # an edit whose pathway does nothing (health.py): warn (false) or raise before the model changes
     strict: bool = False
     num_negatives: int = 1024      # gate negatives sampled per edit
+    negatives_per_step: int = 0    # > 0: each training step's gate loss sees a fresh sample of this many (0: all)
     corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
     sibling_negatives: int = 0     # names sharing the subject's leading words, as gate negatives (hard)
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
@@ -77,7 +78,7 @@ class REPConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
-                     "num_negatives", "corpus_negative_texts", "sibling_negatives", "merge_rank",
+                     "num_negatives", "negatives_per_step", "corpus_negative_texts", "sibling_negatives", "merge_rank",
                      "merge_negatives_per_edit"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")

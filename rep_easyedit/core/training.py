@@ -137,7 +137,13 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     gate_in = torch.cat([pos, neg] + ([hard_neg] if hard_neg is not None else [])) if use_gate else None
     stop_neg = neg if hard_neg is None else torch.cat([neg, hard_neg])
     ones = torch.ones(n_pos, device=device)
-    zeros = torch.zeros(len(neg), device=device)
+    # a fresh sample of the negatives each step (rep.negatives_per_step), drawn on the device
+    per_step = rep.negatives_per_step if 0 < rep.negatives_per_step < n_neg else 0
+    if use_gate and per_step:
+        sampler = torch.Generator(device=device).manual_seed(rep.seed)
+        rest = gate_in[n_pos + n_neg:]  # hard negatives: every step, as a group of their own
+        n_neg = per_step
+    zeros = torch.zeros(n_neg, device=device)
     adapter.train()
     loss = agg = cons = gate = torch.zeros((), device=device)
     window_start = None
@@ -148,7 +154,11 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         agg = aggregation_loss(pos + delta[:n_pos], target, rep.aggregation, rep.aggregation_abs)
         cons = delta[n_pos:].pow(2).sum(-1).mean() / k_star_norm
         if use_gate:
-            logits = adapter.gate(gate_in).squeeze(-1)
+            if per_step:
+                picked = torch.randperm(len(neg), generator=sampler, device=device)[:per_step]
+                logits = adapter.gate(torch.cat([pos, neg[picked], rest])).squeeze(-1)
+            else:
+                logits = adapter.gate(gate_in).squeeze(-1)
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
             if n_neg:
                 gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:n_pos + n_neg], zeros)

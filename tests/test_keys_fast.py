@@ -251,3 +251,22 @@ def test_hard_negatives_are_trained_off(tiny_model, tokenizer):
         fires[name] = float((adapter.gate_prob(hard).squeeze(-1) > adapter.tau).float().mean())
         assert report.gate_pos_fire > 0.9
     assert fires["plain"] == 1.0 and fires["hard"] == 0.0 and report.gate_hard_fire == 0.0
+
+
+def test_negatives_sampled_per_step_still_shut_the_gate_on_every_negative():
+    """`rep.negatives_per_step`: each step sees a sample, yet the trained gate stays shut on all negatives, reproducibly."""
+    torch.manual_seed(0)
+    pos = torch.randn(20, 64) + 1.5
+    neg = torch.cat([torch.randn(300, 64) - 1.5, pos[:1] + 1.5 * torch.randn(60, 64)])  # a near cluster too
+    keys = TrainingKeys(pos, neg, pos.mean(0))
+    params = []
+    for per_step in (32, 32, 0, 10_000):
+        torch.manual_seed(1)
+        adapter = GatedLowRankAdapter(64, rank=4)
+        report = train_adapter(adapter, keys, REPConfig(rank=4, steps=200, adaptive_stop=False,
+                                                        negatives_per_step=per_step))
+        assert report.gate_pos_fire > 0.9 and report.gate_neg_fire < 0.02, (per_step, report)
+        params.append(torch.cat([p.detach().flatten() for p in adapter.parameters()]))
+    assert torch.equal(params[0], params[1])           # the sample is drawn from rep.seed alone
+    assert not torch.equal(params[0], params[2])       # sampling is a different training...
+    assert torch.equal(params[2], params[3])           # ...and a sample as large as the set is no sample

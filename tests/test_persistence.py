@@ -97,7 +97,7 @@ def test_save_pathway_writes_keys_and_layout(edited, tmp_path):
     entry = meta["pathways"][PATH1]
     assert entry["num_adapters"] == 1
     adapter = pathway_of(model.get_submodule(PATH1)).adapters[0]
-    assert entry["adapters"] == [{"dim": 128, "rank": adapter.rank, "gate_hidden": 13, "tau": adapter.tau,
+    assert entry["adapters"] == [{"dim": 128, "rank": adapter.rank, "gate_hidden": adapter.gate[0].out_features, "tau": adapter.tau,
                                   "active": 1.0}]
     assert meta["hparams"] == {"alg_name": "REP-ROME", "layers": [1]}
 

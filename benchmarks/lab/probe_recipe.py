@@ -46,6 +46,9 @@ RECIPES = {
     "lr6e-3": dict(lr=6e-3),
     "gate0.025_negstep256": dict(gate_ratio=0.025, negatives_per_step=256),
     "gate0.05_negstep256": dict(gate_ratio=0.05, negatives_per_step=256),
+    "cap120": dict(steps=120),
+    "cap150": dict(steps=150),
+    "cap120_negstep256": dict(steps=120, negatives_per_step=256),
     "gate0.025_negstep256_lr6e-3": dict(gate_ratio=0.025, negatives_per_step=256, lr=6e-3),
 }
 

@@ -114,6 +114,8 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     `rep.stop_plateau` (relative) over the last check window, and (b) the hard gate separates:
     at least `rep.stop_pos_fire` of the positives fire and at most `rep.stop_neg_fire` of the
     negatives. `steps` (default `rep.steps`) is the cap; the steps used are reported.
+    With `rep.negatives_per_step` > 0 each step's gate loss sees a fresh sample of that many negatives
+    (drawn from `rep.seed`; hard negatives every step); the stop and the report check all of them.
     """
     cap = rep.steps if steps is None else steps
     device = next(adapter.parameters()).device

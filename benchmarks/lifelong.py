@@ -71,12 +71,16 @@ def run(args) -> None:
               "start": args.start, "n": args.n, "batch": args.batch, "hparams": str(hp_path.relative_to(ROOT)), "set": overrides}
     if args.merge_rank:
         config["merge_rank"] = args.merge_rank
+    if hasattr(hp, "rep"):  # REP's resolved recipe: a default changed later must not mix into a resumed run
+        config["rep"] = dataclasses.asdict(hp.rep)
     progress_file = out / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else None
-    if progress is not None and _settings(progress["config"]) != _settings(config):
+    if progress is not None and _settings(progress["config"], config) != _settings(config):
         raise SystemExit(f"{out} holds a run with other settings {progress['config']}; use another --out")
     progress = progress or {"config": config, "batches_done": 0, "batch_seconds": []}
     progress["config"]["n"] = args.n  # a finished run goes on to a larger --n
+    if "rep" in config:
+        progress["config"]["rep"] = config["rep"]  # recorded from now on
 
     records = _records(config["data"])[args.start:args.start + args.n]
     if len(records) < args.n:
@@ -132,9 +136,19 @@ def run(args) -> None:
             print(json.dumps(result["summary"]), flush=True)
 
 
-def _settings(config: dict) -> dict:
-    """What must match for a run to resume: everything but the number of edits it goes to."""
-    return {k: v for k, v in config.items() if k != "n"}
+def _settings(config: dict, current: dict | None = None) -> dict:
+    """What must match for a run to resume: everything but the number of edits it goes to.
+
+    A stored `config` recorded before runs kept REP's resolved recipe ran with the REPConfig defaults
+    of its day: today's `current` ones, except those in `CHANGED_DEFAULTS` that its `--set` did not name.
+    """
+    from rep_easyedit.core.config import CHANGED_DEFAULTS
+
+    settings = {k: v for k, v in config.items() if k != "n"}
+    if current is not None and "rep" in current and "rep" not in settings:
+        named = {key[len("rep."):] for key in settings.get("set", {}) if key.startswith("rep.")}
+        settings["rep"] = {**current["rep"], **{k: v for k, v in CHANGED_DEFAULTS.items() if k not in named}}
+    return settings
 
 
 def _merge(model, rep, groups: dict[str, list], captured: dict[str, list], rank: int) -> dict:

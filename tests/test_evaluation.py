@@ -359,6 +359,21 @@ def test_runner_refuses_to_resume_with_other_settings(tmp_path):
         rb.check_resumable(tmp_path, bf16)
 
 
+def test_runner_reads_a_changed_default_for_a_field_the_stored_run_predates(tmp_path, monkeypatch):
+    """A stored run without a field ran with that field's default of its day, not today's."""
+    from rep_easyedit.core import config as rep_config
+    from rep_easyedit.eval import runner as rb
+    stored = {"alg": "REP-ROME", "model": "m", "data": "d", "hparams": {"rep": {"rank": 32}}}
+    (tmp_path / "run.json").write_text(json.dumps(stored))
+    (tmp_path / "cases.jsonl").write_text(json.dumps({"case_id": 1, "metrics": {}}) + "\n")
+    today = json.loads(json.dumps(stored))
+    today["hparams"]["rep"]["negatives_per_step"] = 0   # today's default: the old behaviour
+    rb.check_resumable(tmp_path, today)
+    monkeypatch.setattr(rep_config, "CHANGED_DEFAULTS", {"negatives_per_step": 128})
+    with pytest.raises(ValueError, match=r"hparams\.rep\.negatives_per_step: 128 → 0"):
+        rb.check_resumable(tmp_path, today)
+
+
 def test_runner_case_results_do_not_depend_on_the_process(model, tok, tmp_path):
     """Seeded before every edit, a case scores the same whichever shard, resume or rerun ran it
     (EasyEdit's ROME samples its context templates from torch's generator)."""

@@ -98,3 +98,23 @@ def test_merging_after_each_batch_keeps_one_adapter_per_layer_and_resumes(tmp_pa
     for a, b in zip(groups["down_proj"], back["down_proj"]):
         assert torch.equal(a.positives, b.positives) and torch.equal(a.negatives, b.negatives)
         assert torch.equal(a.target, b.target)
+
+
+def test_resume_refuses_a_recipe_whose_default_changed_under_the_run(monkeypatch):
+    """Progress records REP's resolved recipe; a run recorded before that resumes only with the defaults it ran with."""
+    import dataclasses
+
+    from rep_easyedit.core import config as rep_config
+    from rep_easyedit.core.config import REPConfig
+
+    lifelong = _lifelong()
+    current = {"alg": "REP-AlphaEdit", "n": 20, "set": {}, "rep": dataclasses.asdict(REPConfig())}
+    old = {"alg": "REP-AlphaEdit", "n": 10, "set": {}}  # recorded before progress kept `rep`
+    assert lifelong._settings(old, current) == lifelong._settings(current)
+    monkeypatch.setattr(rep_config, "CHANGED_DEFAULTS", {"steps": 200})
+    current["rep"]["steps"] = 120  # a default lowered since the old run
+    assert lifelong._settings(old, current) != lifelong._settings(current)
+    named = ({**old, "set": {"rep.steps": "120"}}, {**current, "set": {"rep.steps": "120"}})
+    assert lifelong._settings(*named) == lifelong._settings(named[1])  # the old run named it itself
+    recorded = {**current, "n": 10, "rep": {**current["rep"], "steps": 200}}
+    assert lifelong._settings(recorded, current) != lifelong._settings(current)

@@ -8,6 +8,13 @@ from typing import List, Optional
 TRAIN_ON_CHOICES = ("subject", "rephrase", "shuffle", "long")
 
 
+# Defaults changed after runs were recorded: field -> the default a run that did not record it ran
+# with. Resume checks read it (the runner's run.json, lifelong.py's progress), so old and new cases never
+# mix. Add an entry whenever a default changes; a field added later needs none when its default is the
+# behaviour from before it existed.
+CHANGED_DEFAULTS: dict = {}
+
+
 @dataclass
 class REPConfig:
     # adapter

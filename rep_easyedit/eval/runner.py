@@ -139,12 +139,12 @@ def _default_of(key: str):
     """The REPConfig default of a `hparams.rep.<field>` key, else None (a field a stored run predates)."""
     import dataclasses
 
-    from rep_easyedit.core.config import REPConfig
+    from rep_easyedit.core.config import CHANGED_DEFAULTS, REPConfig
 
     if key.startswith("hparams.rep."):
         for field in dataclasses.fields(REPConfig):
             if field.name == key[len("hparams.rep."):] and field.default is not dataclasses.MISSING:
-                return field.default
+                return CHANGED_DEFAULTS.get(field.name, field.default)
     return None
 
 

@@ -136,14 +136,14 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     delta_in = torch.cat([pos, k_star])
     k_star_norm = k_star.pow(2).sum(-1).mean()
     use_gate = rep.gate_weight > 0
-    gate_in = torch.cat([pos, neg] + ([hard_neg] if hard_neg is not None else [])) if use_gate else None
+    hard_rows = [hard_neg] if hard_neg is not None else []  # every step, as a group of their own
     stop_neg = neg if hard_neg is None else torch.cat([neg, hard_neg])
     ones = torch.ones(n_pos, device=device)
     # a fresh sample of the negatives each step (rep.negatives_per_step), drawn on the device
-    per_step = rep.negatives_per_step if 0 < rep.negatives_per_step < n_neg else 0
-    if use_gate and per_step:
+    per_step = rep.negatives_per_step if use_gate and 0 < rep.negatives_per_step < n_neg else 0
+    gate_in = torch.cat([pos, neg, *hard_rows]) if use_gate and not per_step else None
+    if per_step:
         sampler = torch.Generator(device=device).manual_seed(rep.seed)
-        rest = gate_in[n_pos + n_neg:]  # hard negatives: every step, as a group of their own
         n_neg = per_step
     zeros = torch.zeros(n_neg, device=device)
     adapter.train()
@@ -158,9 +158,8 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         if use_gate:
             if per_step:
                 picked = torch.randperm(len(neg), generator=sampler, device=device)[:per_step]
-                logits = adapter.gate(torch.cat([pos, neg[picked], rest])).squeeze(-1)
-            else:
-                logits = adapter.gate(gate_in).squeeze(-1)
+                gate_in = torch.cat([pos, neg[picked], *hard_rows])
+            logits = adapter.gate(gate_in).squeeze(-1)
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
             if n_neg:
                 gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:n_pos + n_neg], zeros)

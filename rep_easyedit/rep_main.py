@@ -28,7 +28,8 @@ from .core.merging import KEPT, KeysNotKept, merge_in_place, slimmed
 from .core.keys import collect_keys_flat, subject_last_index, subject_last_indices
 from .core.devices import padding_side
 from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
-from .core.perturbations import Perturbations, build_perturbations, sibling_subjects, with_context, with_subject
+from .core.perturbations import (Perturbations, build_perturbations, partial_subjects, sibling_subjects, with_context,
+                                 with_subject)
 from .core.requests import validate_requests
 from .core.training import TrainingKeys, freeze, fresh_adapter, train_adapter
 
@@ -147,7 +148,10 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     target_texts = _variant_texts(request, [request["subject"]], templates, [])
     siblings = sibling_subjects(request["subject"], corpus, rep.sibling_negatives, sibling_rng(pert),
                                 exclude=variants)
-    sibling_texts = _variant_texts(request, siblings, templates[:1], []) if siblings else []
+    partials = partial_subjects(tok, request["subject"], rep.partial_negatives,
+                                np.random.default_rng([pert.seed, 2]), exclude=variants + siblings) \
+        if rep.partial_negatives >= 0 else []
+    sibling_texts = _variant_texts(request, siblings + partials, templates[:1], []) if siblings or partials else []
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
     for pair in pos_texts + target_texts + sibling_texts:

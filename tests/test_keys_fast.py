@@ -270,3 +270,62 @@ def test_negatives_sampled_per_step_still_shut_the_gate_on_every_negative():
     assert torch.equal(params[0], params[1])           # the sample is drawn from rep.seed alone
     assert not torch.equal(params[0], params[2])       # sampling is a different training...
     assert torch.equal(params[2], params[3])           # ...and a sample as large as the set is no sample
+
+
+def test_negative_delta_weight_keeps_the_negatives_keys_in_place():
+    """`rep.negative_delta_weight`: the adapter still brings the positives onto k*, but moves the
+    negatives' keys (which a gate misfire would hand to the edit) far less than without it."""
+    torch.manual_seed(0)
+    pos = torch.randn(20, 64) + 1.0
+    neg = torch.cat([torch.randn(200, 64), pos[:5].repeat(8, 1) + 0.5 * torch.randn(40, 64)])  # near ones too
+    keys = TrainingKeys(pos, neg, pos.mean(0) + 2.0)
+    moved, reports = {}, {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(1)
+        adapter = GatedLowRankAdapter(64, rank=8)
+        reports[weight] = train_adapter(adapter, keys, REPConfig(rank=8, steps=300, adaptive_stop=False,
+                                                                 negative_delta_weight=weight))
+        with torch.no_grad():
+            moved[weight] = float(adapter.delta(neg).norm(dim=-1).mean() / keys.target.norm())
+    assert reports[1.0].distance_after < 0.7 * reports[1.0].distance_before
+    assert moved[1.0] < 0.5 * moved[0.0], moved
+    with pytest.raises(ValueError, match="negative_delta_weight"):
+        REPConfig(negative_delta_weight=-1.0).check()
+
+
+def test_partial_negatives_are_the_subjects_own_tokens_but_not_all(tiny_model, tokenizer):
+    """`rep.partial_negatives`: every proper token prefix of the subject, then shuffles of the tokens
+    before its last word, are hard negatives keyed at their own last token; never the subject, a
+    trained variant or a token of its last word in a shuffle; reproducible; -1 leaves the keys as they were."""
+    from rep_easyedit.core.perturbations import partial_subjects
+
+    key_cache.clear_memory()
+    subject = "Norwegian News Agency"
+    ids = tokenizer(subject, add_special_tokens=False)["input_ids"]
+    last_word_ids = set(tokenizer(" Agency", add_special_tokens=False)["input_ids"])
+    parts = partial_subjects(tokenizer, subject, 6, np.random.default_rng(0), exclude=["Norwegian News"])
+    assert parts == partial_subjects(tokenizer, subject, 6, np.random.default_rng(0), exclude=["Norwegian News"])
+    prefixes = [" ".join(tokenizer.decode(ids[:k]).split()) for k in range(1, len(ids))]
+    assert parts[:len(prefixes) - 1] == [p for p in prefixes if p != "Norwegian News"]
+    shuffles = parts[len(prefixes) - 1:]
+    assert 0 < len(shuffles) <= 6 and subject not in parts and "Norwegian News" not in parts
+    for text in shuffles:
+        assert not set(tokenizer(text, add_special_tokens=False)["input_ids"]) & last_word_ids, text
+    assert len(tokenizer("Paris", add_special_tokens=False)["input_ids"]) == 1
+    assert partial_subjects(tokenizer, "Paris", 6, np.random.default_rng(0)) == []   # nothing to leave out
+
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    pert = build_perturbations(dict(REQ), tokenizer, CORPUS, n_shuffles=3, n_long=0, long_tokens=24)
+    args = (tiny_model, tokenizer, dict(REQ), pert, [["{}", "Once upon a time. {}"]], PATH)
+    plain = gather_training_keys(*args, base, CORPUS, np.random.default_rng(3))
+    hard = gather_training_keys(*args, dataclasses.replace(base, partial_negatives=2), CORPUS,
+                                np.random.default_rng(3))
+    want_parts = partial_subjects(tokenizer, REQ["subject"], 2, np.random.default_rng([pert.seed, 2]),
+                                  exclude=training_variants(dict(REQ), pert, base.train_on))
+    texts = _variant_texts(dict(REQ), want_parts, ["{}"], [])
+    want, _ = collect_keys_per_text(tiny_model, tokenizer, [t for t, _ in texts], PATH,
+                                    [subject_last_index(tokenizer, t, e) for t, e in texts], all_tokens=False)
+    assert plain.hard_negatives is None and torch.allclose(hard.hard_negatives.cpu(), want, **TOL)
+    assert torch.allclose(hard.negatives, plain.negatives, **TOL) and torch.allclose(hard.positives, plain.positives)
+    with pytest.raises(ValueError, match="partial_negatives"):
+        REPConfig(partial_negatives=-2).check()

@@ -11,6 +11,14 @@ and each `rep` setting: the adapters are fitted as a REP-<ALG> edit fits them, a
   neighbour the pathway touches, where locality can be lost (the locality prompts are only read
   here, never trained on).
 
+With `--activation`, also what the edit would do there, still without making it: ROME-style
+backends write ΔW = (v* − Wk*) uᵀ with u = C⁻¹k* / (k*ᵀC⁻¹k*) (C = I without `mom2_adjustment`), so
+a token with key k gets the share a(k) = uᵀk of the edit (1 at k*). Per case, with the pathway (k̂)
+and without it (k, the base method): `in_act` / `out_act` = mean a at the subject's last token of
+the trained / held-out variants (robustness wants it near 1), `neighbour_act` = mean over the
+locality prompts of the largest a over their tokens (locality wants it as without the pathway),
+`neighbour_hit` = share of locality prompts where some token's a exceeds 0.5.
+
     OMP_NUM_THREADS=1 python benchmarks/lab/probe_gate.py --cases 0-49 --set sibling_negatives=0 \
         --set sibling_negatives=8 --out benchmarks/results/probe_gate/smollm2.jsonl
 """
@@ -40,6 +48,45 @@ def fires_at(model, tok, path, adapters, texts, positions):
     return out
 
 
+def edit_shares(model, tok, path, adapters, texts, positions, u):
+    """Per text: a = uᵀk at `positions[i]` (None: the largest over its tokens), with the pathway's
+    adapters applied (hard gate) and without them."""
+    from rep_easyedit.core.keys import collect_keys_flat
+
+    flat = collect_keys_flat(model, tok, texts, path, None, all_tokens=True)
+    with_rep, without = [], []
+    for keys, pos in zip(flat.per_text(), positions):
+        keys = keys if pos is None else keys[pos:pos + 1]
+        adapted = keys
+        for a in adapters:
+            adapted = a(adapted, hard=True)
+        with_rep.append(float((adapted.float() @ u).max()))
+        without.append(float((keys.float() @ u).max()))
+    return with_rep, without
+
+
+def edit_direction(model, tok, request, templates, path, hp, base_hp, layer):
+    """u = C⁻¹k* / (k*ᵀC⁻¹k*), k* the subject's key over the backend's templates, as REP computes it."""
+    from rep_easyedit.core.keys import collect_keys_flat, subject_last_indices
+    from rep_easyedit.rep_main import _variant_texts
+
+    groups = templates
+    flat_templates = [t for g in groups for t in g]
+    pairs = _variant_texts(request, [request["subject"]], flat_templates, [])
+    texts = [t for t, _ in pairs]
+    positions, enc = subject_last_indices(tok, texts, [e for _, e in pairs])
+    keys = collect_keys_flat(model, tok, texts, path, positions, encoded=enc).picked
+    sizes = [len(g) for g in groups]
+    k_star = torch.stack([c.mean(0) for c in torch.split(keys, sizes)]).mean(0)
+    if getattr(base_hp, "mom2_adjustment", False):
+        from rep_easyedit.covariance import load_inverse_covariance
+
+        w = load_inverse_covariance(model, base_hp, layer, device=k_star.device) @ k_star
+    else:
+        w = k_star
+    return w / (k_star @ w)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alg", default="REP-ROME")
@@ -48,6 +95,7 @@ def main() -> None:
     ap.add_argument("--cases", default="0-19", help="range a-b of dev indices")
     ap.add_argument("--set", action="append", default=[], help="rep field=value; one setting per --set "
                                                               "(comma-separated fields within one)")
+    ap.add_argument("--activation", action="store_true", help="also the edit's share a = uᵀk (see above)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -107,6 +155,22 @@ def main() -> None:
                     neighbours = [p for p in record.get("locality_prompt") or []]
                     fired = fires_at(model, tok, path, [adapter], neighbours, [None] * len(neighbours))
                     row.setdefault("neighbour_fire", []).append(float(np.mean(fired)) if fired else None)
+                    if args.activation:
+                        layer = next(l for l, p in paths.items() if p == path)
+                        u = edit_direction(model, tok, request, templates, path, hp, base_hp, layer)
+                        for name, variants in groups.items():
+                            texts = [with_subject(prompt, request["subject"], v) for v in variants]
+                            start = prompt.index(request["subject"])
+                            positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
+                            act, base = edit_shares(model, tok, path, [adapter], texts, positions, u)
+                            stem = name.replace("_fire", "")
+                            row.setdefault(f"{stem}_act", []).append(float(np.mean(act)) if act else None)
+                            row.setdefault(f"{stem}_act_base", []).append(float(np.mean(base)) if base else None)
+                        act, base = edit_shares(model, tok, path, [adapter], neighbours, [None] * len(neighbours), u)
+                        row.setdefault("neighbour_act", []).append(float(np.mean(act)) if act else None)
+                        row.setdefault("neighbour_act_base", []).append(float(np.mean(base)) if base else None)
+                        row.setdefault("neighbour_hit", []).append(float(np.mean([x > 0.5 for x in act])) if act else None)
+                        row.setdefault("neighbour_hit_base", []).append(float(np.mean([x > 0.5 for x in base])) if base else None)
                     row.setdefault("steps", []).append(report.steps)
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")

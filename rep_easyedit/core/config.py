@@ -26,6 +26,9 @@ class REPConfig:
     lr: float = 3e-3
     alpha: float = 1.0             # weight of the consistency loss
     gate_weight: float = 1.0       # weight of the gate BCE loss (0: no gate training, paper-style)
+    # weight of a loss that keeps the adapter's move of the negatives' keys near 0 (‖Δk‖²/‖k*‖²), so a
+    # neighbour the gate fires on by mistake keeps (most of) its key; 0: only the gate guards them
+    negative_delta_weight: float = 0.0
     aggregation: str = "match"     # "match" (pull onto k*) or "cosine" (paper, whitened)
     aggregation_abs: bool = False  # paper's |.| around the cosine
     # cosine's target: C⁻¹k* (true) or k* (false); null = C⁻¹k* where the backend uses covariance
@@ -54,6 +57,9 @@ class REPConfig:
     negatives_per_step: int = 0    # > 0: each training step's gate loss sees a fresh sample of this many (0: all)
     corpus_negative_texts: int = 8  # corpus spans whose tokens are gate negatives
     sibling_negatives: int = 0     # names sharing the subject's leading words, as gate negatives (hard)
+    # the subject's proper token prefixes and this many shuffles of its tokens before the last word, as
+    # gate negatives (hard); -1 = off, 0 = the prefixes only (perturbations.partial_subjects)
+    partial_negatives: int = -1
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value v* over the in-domain variant prompts as well
     # (ROME-style backends with a `compute_v`); see rep_easyedit/robust_value.py
@@ -89,5 +95,9 @@ class REPConfig:
                      "merge_negatives_per_edit"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
+        if self.partial_negatives < -1:
+            raise ValueError(f"rep.partial_negatives: -1 (off), 0 (prefixes only) or more, got {self.partial_negatives}")
+        if self.negative_delta_weight < 0:
+            raise ValueError(f"rep.negative_delta_weight must be >= 0, got {self.negative_delta_weight}")
         if self.lr <= 0:
             raise ValueError(f"rep.lr must be > 0, got {self.lr}")

@@ -141,6 +141,45 @@ def sibling_subjects(subject: str, corpus: list[str], n: int, rng: np.random.Gen
     return out
 
 
+def partial_subjects(tok, subject: str, n: int, rng: np.random.Generator, exclude: list[str] = ()) -> list[str]:
+    """Gate hard negatives made of the subject's own tokens, but not all of them: every proper prefix
+    of its tokens in order ("Nor", "Norwegian", "Norwegian News" for "Norwegian News Agency"), then
+    `n` shuffles of the tokens before its last word ("wegian Nor", "News Norwegian").
+
+    Token shuffles teach the gate that any of the subject's tokens may close it, and a neighbour that
+    shares one ("Norwegian Computing Center") has, in a causal model, the very key of the prompt's
+    own "Norwegian". A shuffle closes on its token with every other subject token before it; these
+    negatives lack some, so the gate may learn to tell them apart. The last word's tokens are left
+    out of the shuffles: a short form such as "Duhalde" for "Eduardo Duhalde" is a surface form of
+    the subject, not a neighbour. None for a one-token subject.
+    """
+    ids = tok(subject, add_special_tokens=False)["input_ids"]
+    if n < 0 or len(ids) < 2:
+        return []
+    taken = {subject, *exclude}
+    out: list[str] = []
+
+    def add(cand) -> None:
+        text = " ".join(tok.decode(list(cand), skip_special_tokens=True).split())
+        if text and text not in taken:
+            taken.add(text)
+            out.append(text)
+
+    for keep in range(1, len(ids)):
+        add(ids[:keep])
+    last_word = subject.split()[-1] if subject.split() else subject
+    head = len(tok(subject[: len(subject) - len(last_word)].rstrip(), add_special_tokens=False)["input_ids"]) \
+        if len(subject.split()) > 1 else 0
+    head_ids = ids[:head]
+    wanted = len(out) + n
+    for _ in range(20 * n if len(head_ids) >= 1 else 0):
+        size = int(rng.integers(1, len(head_ids) + 1))
+        add([head_ids[int(i)] for i in rng.permutation(len(head_ids))[:size]])
+        if len(out) >= wanted:
+            break
+    return out
+
+
 def with_subject(prompt: str, subject: str, variant: str) -> str:
     """The prompt with its subject replaced by a variant."""
     return prompt.replace(subject, variant, 1)

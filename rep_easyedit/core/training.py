@@ -169,6 +169,11 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         else:
             gate = torch.zeros((), device=device)
         loss = agg + rep.alpha * cons + rep.gate_weight * gate
+        if rep.negative_delta_weight and len(neg):  # the negatives' keys stay where they are
+            moved = neg[picked] if per_step else neg
+            if hard_neg is not None:
+                moved = torch.cat([moved, hard_neg])
+            loss = loss + rep.negative_delta_weight * adapter.delta(moved).pow(2).sum(-1).mean() / k_star_norm
         if step % STOP_CHECK_EVERY == 0:  # one host sync per window, none in between
             finite, now = torch.stack([torch.isfinite(loss).float(), agg.detach()]).tolist()
             if not finite:

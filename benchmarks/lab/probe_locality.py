@@ -77,7 +77,8 @@ def max_gates(model, tok, prompts):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="18,27,57,97", help="indices into the dev file")
-    ap.add_argument("--data", default=str(ROOT / "data/counterfact_smollm2_dev.json"))
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma3-270m (hparams/<ALG>/<model>.yaml)")
+    ap.add_argument("--data", default=None, help="default: the model's CounterFact dev set")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/probe_locality.jsonl"))
     args = ap.parse_args()
 
@@ -88,9 +89,10 @@ def main() -> None:
     from rep_easyedit.eval.runner import edit_request
     from rep_easyedit.model_loading import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer("smollm2-135m")
-    records = json.loads(Path(args.data).read_text())
-    hps = {a: load_hparams(ROOT / f"hparams/{a}/smollm2-135m.yaml") for a in ("ROME", "REP-ROME")}
+    model, tok = load_model_and_tokenizer(args.model)
+    data = args.data or str(ROOT / f"data/counterfact_{args.model.split('-')[0]}_dev.json")
+    records = json.loads(Path(data).read_text())
+    hps = {a: load_hparams(ROOT / f"hparams/{a}/{args.model}.yaml") for a in ("ROME", "REP-ROME")}
     for idx in [int(i) for i in args.cases.split(",")]:
         case = records[idx]
         ref = locality_reference(model, tok, case)
@@ -117,7 +119,7 @@ def main() -> None:
                          (rome_weights[n] - state[n]).norm().item() for n in rome_weights)
         remove_pathways(model)
         restore_snapshot(model, state)
-        row = {"index": idx, "case_id": case["case_id"], "rome": rome, "rep": rep,
+        row = {"index": idx, "case_id": case["case_id"], "model": args.model, "rome": rome, "rep": rep,
                "rep_weights_only": rep_weights_only, "rome_weights_rep_pathway": rome_weights_rep_pathway,
                "max_gate": gates, "update_gap": update_gap,
                "neighbours": [p for p, _ in ref["pairs"]]}

@@ -151,10 +151,10 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     partials = partial_subjects(tok, request["subject"], rep.partial_negatives,
                                 np.random.default_rng([pert.seed, 2]), exclude=variants + siblings) \
         if rep.partial_negatives >= 0 else []
-    sibling_texts = _variant_texts(request, siblings + partials, templates[:1], []) if siblings or partials else []
+    hard_texts = _variant_texts(request, siblings + partials, templates[:1], []) if siblings or partials else []
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
-    for pair in pos_texts + target_texts + sibling_texts:
+    for pair in pos_texts + target_texts + hard_texts:
         if pair not in slot:
             slot[pair] = len(unique)
             unique.append(pair)
@@ -209,8 +209,8 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
             parts.append(tokens[rows[mine].to(tokens.device)].to(device))
         offset += len(rows)
     negatives = torch.cat(parts) if parts else positives[:0]
-    hard = flat.picked[torch.tensor([slot[p] for p in sibling_texts], dtype=torch.long).to(device)] \
-        if sibling_texts else None
+    hard = flat.picked[torch.tensor([slot[p] for p in hard_texts], dtype=torch.long).to(device)] \
+        if hard_texts else None
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
                   "corpus_negatives": corpus_source or "none"}

@@ -167,10 +167,10 @@ def partial_subjects(tok, subject: str, n: int, rng: np.random.Generator, exclud
 
     for keep in range(1, len(ids)):
         add(ids[:keep])
-    last_word = subject.split()[-1] if subject.split() else subject
-    head = len(tok(subject[: len(subject) - len(last_word)].rstrip(), add_special_tokens=False)["input_ids"]) \
-        if len(subject.split()) > 1 else 0
-    head_ids = ids[:head]
+    words = subject.split()
+    head_chars = subject.rstrip().rfind(words[-1]) if len(words) > 1 else 0  # where the last word starts
+    spans = tok(subject, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    head_ids = [i for i, (_, end) in zip(ids, spans) if end <= head_chars]  # tokens wholly before it
     wanted = len(out) + n
     for _ in range(20 * n if len(head_ids) >= 1 else 0):
         size = int(rng.integers(1, len(head_ids) + 1))

@@ -50,7 +50,7 @@ class TrainingReport:
     activation: float      # mean (k̂_s·k*)/(k*·k*) over positives with the hard gate
     distance_before: float = 0.0  # mean ‖k_s − k*‖/‖k*‖ of the positives before training
     distance_after: float = 0.0   # the same with the trained adapter (hard gate)
-    gate_hard_fire: float | None = None  # share of hard negatives (rep.sibling_negatives) that fire
+    gate_hard_fire: float | None = None  # share of hard negatives (rep.sibling_/partial_negatives) that fire
     seconds_keys: float = 0.0
     seconds_train: float = 0.0
     seconds_per_step: float = 0.0

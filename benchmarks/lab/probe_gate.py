@@ -65,18 +65,17 @@ def edit_shares(model, tok, path, adapters, texts, positions, u):
     return with_rep, without
 
 
-def edit_direction(model, tok, request, templates, path, hp, base_hp, layer):
+def edit_direction(model, tok, request, template_groups, path, base_hp, layer):
     """u = C⁻¹k* / (k*ᵀC⁻¹k*), k* the subject's key over the backend's templates, as REP computes it."""
     from rep_easyedit.core.keys import collect_keys_flat, subject_last_indices
     from rep_easyedit.rep_main import _variant_texts
 
-    groups = templates
-    flat_templates = [t for g in groups for t in g]
+    flat_templates = [t for g in template_groups for t in g]
     pairs = _variant_texts(request, [request["subject"]], flat_templates, [])
     texts = [t for t, _ in pairs]
     positions, enc = subject_last_indices(tok, texts, [e for _, e in pairs])
     keys = collect_keys_flat(model, tok, texts, path, positions, encoded=enc).picked
-    sizes = [len(g) for g in groups]
+    sizes = [len(g) for g in template_groups]
     k_star = torch.stack([c.mean(0) for c in torch.split(keys, sizes)]).mean(0)
     if getattr(base_hp, "mom2_adjustment", False):
         from rep_easyedit.covariance import load_inverse_covariance
@@ -157,7 +156,7 @@ def main() -> None:
                     row.setdefault("neighbour_fire", []).append(float(np.mean(fired)) if fired else None)
                     if args.activation:
                         layer = next(l for l, p in paths.items() if p == path)
-                        u = edit_direction(model, tok, request, templates, path, hp, base_hp, layer)
+                        u = edit_direction(model, tok, request, templates, path, base_hp, layer)
                         for name, variants in groups.items():
                             texts = [with_subject(prompt, request["subject"], v) for v in variants]
                             start = prompt.index(request["subject"])

@@ -126,6 +126,7 @@ def main() -> None:
             for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
 
     with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
+        torch.manual_seed(0)  # as the runner (`seed: 0`) before the edit that first samples them
         templates = backend.context_templates(model, tok, base_hp)
         for idx, record in zip(range(a, b + 1), records):
             request = edit_request(record)

@@ -109,6 +109,13 @@ def _variant_texts(request: dict, variants: list[str], templates: list[str], con
     return out
 
 
+def template_mean(subject_keys: torch.Tensor, template_groups: list[list[str]]) -> torch.Tensor:
+    """k*: the subject's keys (one row per template, in group order) averaged within each group of
+    templates, then over groups, as the backends average them."""
+    sizes = [len(g) for g in template_groups]
+    return torch.stack([chunk.mean(0) for chunk in torch.split(subject_keys, sizes)]).mean(0)
+
+
 def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -> list[str]:
     variants = [request["subject"]] if "subject" in train_on else []
     if "rephrase" in train_on:
@@ -148,10 +155,9 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     target_texts = _variant_texts(request, [request["subject"]], templates, [])
     siblings = sibling_subjects(request["subject"], corpus, rep.sibling_negatives, sibling_rng(pert),
                                 exclude=variants)
-    partials = partial_subjects(tok, request["subject"], rep.partial_negatives,
-                                np.random.default_rng([pert.seed, 2]), exclude=variants + siblings) \
-        if rep.partial_negatives >= 0 else []
-    hard_texts = _variant_texts(request, siblings + partials, templates[:1], []) if siblings or partials else []
+    partials = partial_subjects(tok, request["subject"], rep.partial_negatives,  # [] when off (-1)
+                                np.random.default_rng([pert.seed, 2]), exclude=variants + siblings)
+    hard_texts = _variant_texts(request, siblings + partials, templates[:1], [])
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
     for pair in pos_texts + target_texts + hard_texts:
@@ -168,13 +174,11 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         unique = unique[: len(unique) - len(spans)]
     flat = collect_keys_flat(model, tok, texts, path, positions, all_tokens=True, encoded=enc)
     device = flat.picked.device
-    n_pos = len(pos_texts)
     pos_rows = torch.tensor([slot[p] for p in pos_texts], dtype=torch.long)
     target_rows = torch.tensor([slot[p] for p in target_texts], dtype=torch.long)
     positives = flat.picked[pos_rows.to(device)]
     subject_keys = flat.picked[target_rows.to(device)]
-    sizes = [len(g) for g in template_groups]
-    target = torch.stack([chunk.mean(0) for chunk in torch.split(subject_keys, sizes)]).mean(0)
+    target = template_mean(subject_keys, template_groups)
 
     # negatives: every other token of each positive text (in positive order), then corpus tokens
     starts = torch.cumsum(flat.lengths, 0) - flat.lengths

@@ -36,47 +36,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fires_at(model, tok, path, adapters, texts, positions):
-    """Per text: does any adapter's gate exceed τ at `positions[i]` (None: at any token)?"""
+def keys_at(model, tok, path, texts, positions):
+    """Per text: its key at `positions[i]` ([1, D]), or every token's key (None), at `path`."""
     from rep_easyedit.core.keys import collect_keys_flat
 
     flat = collect_keys_flat(model, tok, texts, path, None, all_tokens=True)
-    out = []
-    for keys, pos in zip(flat.per_text(), positions):
-        keys = keys if pos is None else keys[pos:pos + 1]
-        out.append(any(bool((a.gate_prob(keys) > a.tau).any()) for a in adapters))
-    return out
+    return [keys if pos is None else keys[pos:pos + 1] for keys, pos in zip(flat.per_text(), positions)]
 
 
-def edit_shares(model, tok, path, adapters, texts, positions, u):
-    """Per text: a = uᵀk at `positions[i]` (None: the largest over its tokens), with the pathway's
-    adapters applied (hard gate) and without them."""
-    from rep_easyedit.core.keys import collect_keys_flat
+def fires(adapter, keys) -> bool:
+    """Does the adapter's gate exceed τ at any of these keys?"""
+    return bool((adapter.gate_prob(keys) > adapter.tau).any())
 
-    flat = collect_keys_flat(model, tok, texts, path, None, all_tokens=True)
-    with_rep, without = [], []
-    for keys, pos in zip(flat.per_text(), positions):
-        keys = keys if pos is None else keys[pos:pos + 1]
-        adapted = keys
-        for a in adapters:
-            adapted = a(adapted, hard=True)
-        with_rep.append(float((adapted.float() @ u).max()))
-        without.append(float((keys.float() @ u).max()))
-    return with_rep, without
+
+def edit_shares(adapter, keys, u) -> tuple[float, float]:
+    """The largest a = uᵀk over these keys, with the adapter applied (hard gate) and without it."""
+    return float((adapter(keys, hard=True).float() @ u).max()), float((keys.float() @ u).max())
 
 
 def edit_direction(model, tok, request, template_groups, path, base_hp, layer):
     """u = C⁻¹k* / (k*ᵀC⁻¹k*), k* the subject's key over the backend's templates, as REP computes it."""
     from rep_easyedit.core.keys import collect_keys_flat, subject_last_indices
-    from rep_easyedit.rep_main import _variant_texts
+    from rep_easyedit.rep_main import _variant_texts, template_mean
 
-    flat_templates = [t for g in template_groups for t in g]
-    pairs = _variant_texts(request, [request["subject"]], flat_templates, [])
+    pairs = _variant_texts(request, [request["subject"]], [t for g in template_groups for t in g], [])
     texts = [t for t, _ in pairs]
     positions, enc = subject_last_indices(tok, texts, [e for _, e in pairs])
-    keys = collect_keys_flat(model, tok, texts, path, positions, encoded=enc).picked
-    sizes = [len(g) for g in template_groups]
-    k_star = torch.stack([c.mean(0) for c in torch.split(keys, sizes)]).mean(0)
+    k_star = template_mean(collect_keys_flat(model, tok, texts, path, positions, encoded=enc).picked, template_groups)
     if getattr(base_hp, "mom2_adjustment", False):
         from rep_easyedit.covariance import load_inverse_covariance
 
@@ -131,6 +117,9 @@ def main() -> None:
         for idx, record in zip(range(a, b + 1), records):
             request = edit_request(record)
             prompt = request["prompt"]
+            start = prompt.index(request["subject"])
+            neighbours = list(record.get("locality_prompt") or [])
+            keys_cache, u_cache = {}, {}  # the unedited model's keys and k* do not depend on the setting
             for setting in settings:
                 key = (record["case_id"], json.dumps(setting, sort_keys=True))
                 if key in done:
@@ -141,36 +130,34 @@ def main() -> None:
                                            base_seed=rep.seed)
                 fitted = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus,
                                       negatives_cache=getattr(base_hp, "stats_dir", None))
+                probes = {}
+                for name, variants in (("in", pert.rephrase_in + pert.shuffle_in),
+                                       ("out", pert.rephrase_out + pert.shuffle_out)):
+                    texts = [with_subject(prompt, request["subject"], v) for v in variants]
+                    positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
+                    probes[name] = (texts, positions)
+                probes["neighbour"] = (neighbours, [None] * len(neighbours))
                 row = {"index": idx, "case_id": record["case_id"], "set": setting}
+                mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
                 for path, adapter, report in fitted:
                     adapter.eval()
-                    groups = {"in_fire": pert.rephrase_in + pert.shuffle_in,
-                              "out_fire": pert.rephrase_out + pert.shuffle_out}
-                    for name, variants in groups.items():
-                        texts = [with_subject(prompt, request["subject"], v) for v in variants]
-                        start = prompt.index(request["subject"])
-                        positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
-                        fired = fires_at(model, tok, path, [adapter], texts, positions)
-                        row.setdefault(name, []).append(float(np.mean(fired)) if fired else None)
-                    neighbours = [p for p in record.get("locality_prompt") or []]
-                    fired = fires_at(model, tok, path, [adapter], neighbours, [None] * len(neighbours))
-                    row.setdefault("neighbour_fire", []).append(float(np.mean(fired)) if fired else None)
-                    if args.activation:
+                    if args.activation and path not in u_cache:
                         layer = next(l for l, p in paths.items() if p == path)
-                        u = edit_direction(model, tok, request, templates, path, base_hp, layer)
-                        for name, variants in groups.items():
-                            texts = [with_subject(prompt, request["subject"], v) for v in variants]
-                            start = prompt.index(request["subject"])
-                            positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
-                            act, base = edit_shares(model, tok, path, [adapter], texts, positions, u)
-                            stem = name.replace("_fire", "")
-                            row.setdefault(f"{stem}_act", []).append(float(np.mean(act)) if act else None)
-                            row.setdefault(f"{stem}_act_base", []).append(float(np.mean(base)) if base else None)
-                        act, base = edit_shares(model, tok, path, [adapter], neighbours, [None] * len(neighbours), u)
-                        row.setdefault("neighbour_act", []).append(float(np.mean(act)) if act else None)
-                        row.setdefault("neighbour_act_base", []).append(float(np.mean(base)) if base else None)
-                        row.setdefault("neighbour_hit", []).append(float(np.mean([x > 0.5 for x in act])) if act else None)
-                        row.setdefault("neighbour_hit_base", []).append(float(np.mean([x > 0.5 for x in base])) if base else None)
+                        u_cache[path] = edit_direction(model, tok, request, templates, path, base_hp, layer)
+                    for name, (texts, positions) in probes.items():
+                        cached = (path, tuple(texts))
+                        if cached not in keys_cache:
+                            keys_cache[cached] = keys_at(model, tok, path, texts, positions)
+                        keys = keys_cache[cached]
+                        row.setdefault(f"{name}_fire", []).append(mean([fires(adapter, k) for k in keys]))
+                        if not args.activation:
+                            continue
+                        act, base = zip(*[edit_shares(adapter, k, u_cache[path]) for k in keys]) if keys else ((), ())
+                        row.setdefault(f"{name}_act", []).append(mean(act))
+                        row.setdefault(f"{name}_act_base", []).append(mean(base))
+                        if name == "neighbour":
+                            row.setdefault("neighbour_hit", []).append(mean([x > 0.5 for x in act]))
+                            row.setdefault("neighbour_hit_base", []).append(mean([x > 0.5 for x in base]))
                     row.setdefault("steps", []).append(report.steps)
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -172,7 +172,7 @@ def partial_subjects(tok, subject: str, n: int, rng: np.random.Generator, exclud
     spans = tok(subject, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     head_ids = [i for i, (_, end) in zip(ids, spans) if end <= head_chars]  # tokens wholly before it
     wanted = len(out) + n
-    for _ in range(20 * n if len(head_ids) >= 1 else 0):
+    for _ in range(20 * n if head_ids else 0):
         size = int(rng.integers(1, len(head_ids) + 1))
         add([head_ids[int(i)] for i in rng.permutation(len(head_ids))[:size]])
         if len(out) >= wanted:

@@ -131,17 +131,21 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     opt = torch.optim.Adam(params, lr=rep.lr)
     with torch.no_grad():
         distance_before = relative_distance(pos, target.target)
-    # fused per step: one delta over [positives; k*], one gate over [positives; negatives]
+    # fused per step: one delta over [positives; k*] (and the negatives, with negative_delta_weight),
+    # one gate over [positives; negatives]
     n_pos = len(pos)
-    delta_in = torch.cat([pos, k_star])
+    n_fit = n_pos + len(k_star)  # rows of the delta the aggregation and consistency losses read
     k_star_norm = k_star.pow(2).sum(-1).mean()
     use_gate = rep.gate_weight > 0
     hard_rows = [hard_neg] if hard_neg is not None else []  # every step, as a group of their own
+    hard_zeros = torch.zeros(len(hard_neg), device=device) if hard_neg is not None else None
     stop_neg = neg if hard_neg is None else torch.cat([neg, hard_neg])
+    still = rep.negative_delta_weight > 0 and len(neg) > 0  # keep the negatives' keys in place
     ones = torch.ones(n_pos, device=device)
     # a fresh sample of the negatives each step (rep.negatives_per_step), drawn on the device
     per_step = rep.negatives_per_step if use_gate and 0 < rep.negatives_per_step < n_neg else 0
     gate_in = torch.cat([pos, neg, *hard_rows]) if use_gate and not per_step else None
+    delta_in = torch.cat([pos, k_star, stop_neg] if still and not per_step else [pos, k_star])
     if per_step:
         sampler = torch.Generator(device=device).manual_seed(rep.seed)
         n_neg = per_step
@@ -152,28 +156,25 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     used = 0
     for step in range(cap):
         opt.zero_grad(set_to_none=True)
-        delta = adapter.delta(delta_in)
+        if per_step:
+            sampled = neg[torch.randperm(len(neg), generator=sampler, device=device)[:per_step]]
+            gate_in = torch.cat([pos, sampled, *hard_rows])
+        step_in = torch.cat([delta_in, sampled, *hard_rows]) if still and per_step else delta_in
+        delta = adapter.delta(step_in)
         agg = aggregation_loss(pos + delta[:n_pos], target, rep.aggregation, rep.aggregation_abs)
-        cons = delta[n_pos:].pow(2).sum(-1).mean() / k_star_norm
+        cons = delta[n_pos:n_fit].pow(2).sum(-1).mean() / k_star_norm
         if use_gate:
-            if per_step:
-                picked = torch.randperm(len(neg), generator=sampler, device=device)[:per_step]
-                gate_in = torch.cat([pos, neg[picked], *hard_rows])
             logits = adapter.gate(gate_in).squeeze(-1)
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
             if n_neg:
                 gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:n_pos + n_neg], zeros)
             if hard_neg is not None:  # a group as heavy as all other negatives together
-                gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos + n_neg:],
-                                                                 torch.zeros(len(hard_neg), device=device))
+                gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos + n_neg:], hard_zeros)
         else:
             gate = torch.zeros((), device=device)
         loss = agg + rep.alpha * cons + rep.gate_weight * gate
-        if rep.negative_delta_weight and len(neg):  # the negatives' keys stay where they are
-            moved = neg[picked] if per_step else neg
-            if hard_neg is not None:
-                moved = torch.cat([moved, hard_neg])
-            loss = loss + rep.negative_delta_weight * adapter.delta(moved).pow(2).sum(-1).mean() / k_star_norm
+        if still:
+            loss = loss + rep.negative_delta_weight * delta[n_fit:].pow(2).sum(-1).mean() / k_star_norm
         if step % STOP_CHECK_EVERY == 0:  # one host sync per window, none in between
             finite, now = torch.stack([torch.isfinite(loss).float(), agg.detach()]).tolist()
             if not finite:

@@ -312,7 +312,7 @@ def worker_mode(args, mode: str) -> dict:
             templates_in_backend = max(0.0, templates_in_backend - s["context_templates"])
             tr = next(iter(rep["training"].values()), {}) if rep.get("training") else {}
             row["training"] = {k: tr.get(k) for k in ("steps", "loss", "gate_pos_fire", "gate_neg_fire",
-                                                      "activation", "seconds_per_step")}
+                                                      "activation", "seconds_per_step", "negatives_kept")}
             layers = list(rep.get("training", {}).values())
             row["rep_train_steps"] = sum(t.get("steps", 0) for t in layers)
             row["rep_train_s_per_step"] = (s["train"] / row["rep_train_steps"]) if row["rep_train_steps"] else None

@@ -180,7 +180,7 @@ def test_fused_training_equals_unfused():
     dim = 48
     target = torch.randn(dim)
     keys = TrainingKeys(positives=target + 0.5 * torch.randn(12, dim), negatives=torch.randn(60, dim), target=target)
-    rep = REPConfig(adaptive_stop=False)
+    rep = REPConfig(adaptive_stop=False, screen_negatives=0.0)  # the reference below trains on every negative
     torch.manual_seed(1)
     a = GatedLowRankAdapter(dim, rank=4, gate_ratio=0.25)
     b = copy.deepcopy(a)
@@ -329,3 +329,29 @@ def test_partial_negatives_are_the_subjects_own_tokens_but_not_all(tiny_model, t
     assert torch.allclose(hard.negatives, plain.negatives, **TOL) and torch.allclose(hard.positives, plain.positives)
     with pytest.raises(ValueError, match="partial_negatives"):
         REPConfig(partial_negatives=-2).check()
+
+
+def test_screened_negatives_train_the_same_gate_on_fewer_rows():
+    """`rep.screen_negatives`: leaving out the negatives the gate already rejects (gradient below the
+    screen) trains on a fraction of them, yet the same keys fire and the adapter's move is the same."""
+    torch.manual_seed(0)
+    pos = torch.randn(20, 64) + 1.0
+    neg = torch.cat([torch.randn(600, 64) - 1.0, pos[:4].repeat(10, 1) + 0.8 * torch.randn(40, 64)])
+    keys = TrainingKeys(pos, neg, pos.mean(0) + 1.0)
+    adapters, reports = {}, {}
+    for screen in (0.0, 1e-2):
+        torch.manual_seed(1)
+        adapters[screen] = GatedLowRankAdapter(64, rank=8)
+        reports[screen] = train_adapter(adapters[screen], keys, REPConfig(rank=8, steps=150, adaptive_stop=False,
+                                                                          screen_negatives=screen))
+    assert reports[0.0].negatives_kept is None
+    assert reports[1e-2].negatives_kept < 0.5, reports[1e-2]      # most steps saw under half the negatives
+    with torch.no_grad():
+        every = torch.cat([pos, neg])
+        p0, p1 = (adapters[s].gate_prob(every).squeeze(-1) for s in (0.0, 1e-2))
+        assert torch.equal(p0 > 0.9, p1 > 0.9)                       # the same keys fire
+        assert (p0 - p1).abs().max() < 0.05
+        assert torch.equal(adapters[0.0].delta(pos), adapters[1e-2].delta(pos))  # the gate's loss alone changed
+    for bad in (-0.1, 0.5):
+        with pytest.raises(ValueError, match="screen_negatives"):
+            REPConfig(screen_negatives=bad).check()

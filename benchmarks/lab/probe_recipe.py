@@ -46,6 +46,10 @@ RECIPES = {
     "lr6e-3": dict(lr=6e-3),
     "gate0.025_negstep256": dict(gate_ratio=0.025, negatives_per_step=256),
     "gate0.05_negstep256": dict(gate_ratio=0.05, negatives_per_step=256),
+    "screen1e-4": dict(screen_negatives=1e-4),
+    "screen1e-3": dict(screen_negatives=1e-3),
+    "screen1e-2": dict(screen_negatives=1e-2),
+    "screen3e-2": dict(screen_negatives=3e-2),
     "cap120": dict(steps=120),
     "cap150": dict(steps=150),
     "cap120_negstep256": dict(steps=120, negatives_per_step=256),
@@ -85,7 +89,8 @@ def score(adapter, keys, out_keys, loc_every, report):
     with torch.no_grad():
         tau = adapter.tau
         row = {"in_fire": report.gate_pos_fire, "in_dist0": report.distance_before,
-               "in_dist": report.distance_after, "neg_fire": report.gate_neg_fire, "steps": report.steps}
+               "in_dist": report.distance_after, "neg_fire": report.gate_neg_fire, "steps": report.steps,
+               "negatives_kept": report.negatives_kept}
         if out_keys is not None and len(out_keys):
             row["out_fire"] = fire_shares(adapter, out_keys, out_keys[:0])[0]
             row["out_dist0"] = relative_distance(out_keys, keys.target)
@@ -104,7 +109,12 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--out", required=True)
+    ap.add_argument("--summarize", action="store_true", help="print the tables of an existing --out file and stop")
     args = ap.parse_args(argv)
+    if args.summarize:
+        rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+        print(summary(rows, list(dict.fromkeys(r["recipe"] for r in rows))))
+        return
 
     import rep_easyedit  # noqa: F401
     from rep_easyedit.core.adapter import GatedLowRankAdapter
@@ -142,17 +152,39 @@ def main(argv=None):
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
     print(f"model {args.model}, {len(records)} cases (dev {args.skip}..{args.skip + len(records) - 1})")
+    print(summary(rows, args.recipes))
+
+
+def summary(rows: list[dict], recipes: list[str]) -> str:
+    """Means per recipe, then each recipe against `default` on the same cases: mean Δ of the scores,
+    how many cases went lower / higher, and the training time as a ratio of the default's (median)."""
     cols = ["in_fire", "in_dist0", "in_dist", "out_fire", "out_dist0", "out_dist", "loc_fire", "neg_fire",
-            "steps", "train_s"]
-    print("| recipe | " + " | ".join(cols) + " |")
-    print("|---|" + "---:|" * len(cols))
-    for name in args.recipes:
+            "steps", "train_s", "negatives_kept"]
+    lines = ["| recipe | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name in recipes:
         mine = [r for r in rows if r["recipe"] == name]
         cells = []
         for c in cols:
             vals = [r[c] for r in mine if r.get(c) is not None]
             cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    base = {r["case_id"]: r for r in rows if r["recipe"] == "default"}
+    if not base:
+        return "\n".join(lines)
+    paired = ["in_fire", "in_dist", "out_fire", "out_dist", "loc_fire", "neg_fire", "steps"]
+    lines += ["", "| recipe vs default | cases | " + " | ".join(f"Δ {c} (lower/higher)" for c in paired)
+              + " | train time / default (median) |", "|---|---:|" + "---:|" * (len(paired) + 1)]
+    for name in recipes:
+        pairs = [(base[r["case_id"]], r) for r in rows if r["recipe"] == name and r["case_id"] in base]
+        if name == "default" or not pairs:
+            continue
+        cells = []
+        for c in paired:
+            d = [r[c] - b[c] for b, r in pairs if r.get(c) is not None and b.get(c) is not None]
+            cells.append(f"{statistics.mean(d):+.4f} ({sum(x < 0 for x in d)}/{sum(x > 0 for x in d)})" if d else "-")
+        ratio = statistics.median(r["train_s"] / b["train_s"] for b, r in pairs)
+        lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def _trained_on(groups: Sequence[TrainingKeys], rep, rank: int | None, steps: in
                          max_negatives=max_negatives or 4 * rep.num_negatives, seed=rep.seed)
     dim = keys.positives.shape[-1]
     merged = fresh_adapter(dim, min(dim, rank or rep.rank * len(groups)), rep, rep.seed, device)
-    report = train_adapter(merged, keys, rep, steps=steps)
+    report = train_adapter(merged, keys, rep, steps=rep.merge_steps if steps is None else steps)
     return freeze(merged), report
 
 
@@ -73,7 +73,7 @@ def merge_adapters(model, path: str, groups: Sequence[TrainingKeys], rep, rank: 
     """Replace every adapter at `path` by one trained on `groups` (their keys, in any order).
 
     `rank` defaults to `rep.rank` × the number of edits and `max_negatives` to 4 × `rep.num_negatives`,
-    both capped. The layer's adapters are only swapped once training has succeeded.
+    both capped; `steps` to `rep.merge_steps`. The layer's adapters are only swapped once training has succeeded.
     """
     module = get_module(model, path)
     current = list(pathway_of(module).adapters) if pathway_of(module) is not None else []

@@ -51,6 +51,7 @@ class TrainingReport:
     distance_before: float = 0.0  # mean ‖k_s − k*‖/‖k*‖ of the positives before training
     distance_after: float = 0.0   # the same with the trained adapter (hard gate)
     gate_hard_fire: float | None = None  # share of hard negatives (rep.sibling_/partial_negatives) that fire
+    negatives_kept: float | None = None  # rep.screen_negatives: mean share of negatives in the gate loss per step
     seconds_keys: float = 0.0
     seconds_train: float = 0.0
     seconds_per_step: float = 0.0
@@ -150,12 +151,23 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         sampler = torch.Generator(device=device).manual_seed(rep.seed)
         n_neg = per_step
     zeros = torch.zeros(n_neg, device=device)
+    # rep.screen_negatives: each window's gate loss leaves out the negatives the gate already rejects
+    # with probability above 1 - screen (a negative's BCE gradient is its gate probability, so each
+    # left-out one moves the step by less than `screen` / its share); the sum still divides by all
+    screen = rep.screen_negatives if use_gate and not per_step and n_neg else 0.0
     adapter.train()
     loss = agg = cons = gate = torch.zeros((), device=device)
     window_start = None
     used = 0
+    kept_rows = 0  # negatives in the gate loss, summed over steps (rep.screen_negatives' report)
     for step in range(cap):
         opt.zero_grad(set_to_none=True)
+        if screen and step % STOP_CHECK_EVERY == 0 and step:  # the window's one host sync covers it
+            with torch.no_grad():
+                kept = (adapter.gate_prob(neg).squeeze(-1) >= screen).nonzero().squeeze(-1)
+            gate_in = torch.cat([pos, neg[kept], *hard_rows])
+            n_neg = len(kept)
+            zeros = zeros[:n_neg] if n_neg <= len(zeros) else torch.zeros(n_neg, device=device)
         if per_step:
             sampled = neg[torch.randperm(len(neg), generator=sampler, device=device)[:per_step]]
             gate_in = torch.cat([pos, sampled, *hard_rows])
@@ -166,7 +178,10 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         if use_gate:
             logits = adapter.gate(gate_in).squeeze(-1)
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
-            if n_neg:
+            if screen:  # the kept negatives' BCE summed, over all negatives (the left-out add ~0)
+                gate = gate + F.binary_cross_entropy_with_logits(
+                    logits[n_pos:n_pos + n_neg], zeros, reduction="sum") / len(neg)
+            elif n_neg:
                 gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:n_pos + n_neg], zeros)
             if hard_neg is not None:  # a group as heavy as all other negatives together
                 gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos + n_neg:], hard_zeros)
@@ -189,6 +204,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         loss.backward()
         opt.step()
         used = step + 1
+        kept_rows += n_neg
     _require_finite(loss)
     adapter.eval()
     loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
@@ -201,4 +217,4 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     return TrainingReport(
         steps=used, loss=loss.item(), aggregation=agg.item(), consistency=cons.item(),
         gate=gate.item(), gate_pos_fire=pos_fire, gate_neg_fire=neg_fire, activation=activation, distance_before=distance_before, distance_after=distance_after,
-        gate_hard_fire=hard_fire)
+        gate_hard_fire=hard_fire, negatives_kept=kept_rows / (used * len(neg)) if screen and used else None)

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 METRICS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
-           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out",
+           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "long_old",
            "generation_new", "generation_old", "reversion")
 
 

@@ -165,7 +165,7 @@ def test_summary_keys_and_percent():
     assert tuple(s) == SUMMARY_KEYS
     assert list(s) == ["n_cases", "success", "paraphrase", "locality", "reversion", "fluency",
                        "rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in",
-                       "long_out", "distract_in", "distract_out", "generation_new",
+                       "long_out", "distract_in", "distract_out", "long_old", "generation_new",
                        "generation_old", "edit_seconds_median", "rep_seconds_median"]
     assert s["n_cases"] == 2 and s["success"] == 50.0 and s["fluency"] == 4.0
     assert s["long_in"] is None and s["edit_seconds_median"] == 3.0 and s["rep_seconds_median"] is None
@@ -251,6 +251,33 @@ def test_runner_scores_distracting_contexts_and_free_answers(model, tok, tmp_pat
     assert len(line["details"]["scores"]["distract_in"]) == len(line["contexts"]["distract_in"])
     (plain,) = rb.run_cases(model, tok, _records(1), _HP(), tmp_path / "plain", metrics=["success"], **kw)
     assert "contexts" not in plain and plain["metrics"]["distract_in"] is None
+
+
+def test_runner_scores_the_long_context_that_restates_the_old_fact(model, tok, tmp_path):
+    """metric `long_old`: two ~1,024-token prefixes per case that restate the old fact, stored with
+    the case, the same on a rerun, each scored before the prompt."""
+    from rep_easyedit.eval import runner as rb
+    from rep_easyedit.eval.contexts import HURTING_CONTEXTS, HURTING_TOKENS, hurting_long_contexts
+
+    corpus = [" ".join(f"Line {i} of the clerk's ledger lists barrels of grain and oil." for i in range(400))]
+    kw = dict(corpus=corpus, settings=SETTINGS, edit=_fake_edit_factory([]), progress=False,
+              run_info={"alg": "FAKE"})
+    record = _records(1)[0]
+    (line,) = rb.run_cases(model, tok, [record], _HP(), tmp_path, metrics=["success", "long_old"], **kw)
+    prefixes = line["contexts"]["long_old"]
+    assert prefixes == hurting_long_contexts(record, tok, corpus)["long_old"]       # fixed per case
+    assert len(prefixes) == HURTING_CONTEXTS and prefixes[0] != prefixes[1]
+    for text in prefixes:
+        assert 0.9 * HURTING_TOKENS <= len(tok(text, add_special_tokens=False)["input_ids"]) <= 1.1 * HURTING_TOKENS
+        assert text.replace(record["subject"], "").count(record["target_true"]) >= 4     # the old fact, again and again
+    assert len(line["details"]["scores"]["long_old"]) == HURTING_CONTEXTS
+    assert 0.0 <= line["metrics"]["long_old"] <= 1.0
+    (again,) = rb.run_cases(model, tok, [record], _HP(), tmp_path / "again", metrics=["success", "long_old"], **kw)
+    assert again["contexts"] == line["contexts"] and again["metrics"]["long_old"] == line["metrics"]["long_old"]
+    bare = {k: v for k, v in record.items() if k != "target_true"}
+    assert hurting_long_contexts(bare, tok, corpus) == {"long_old": []}
+    with pytest.raises(ValueError, match="needs a corpus"):
+        hurting_long_contexts(record, tok, [])
 
 
 def test_runner_resume_shard_and_summary(model, tok, tmp_path):

@@ -23,17 +23,18 @@ from collections import Counter
 from pathlib import Path
 
 COLUMNS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
-           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "generation_new",
+           "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "long_old", "generation_new",
            "generation_old", "reversion", "fluency", "edit_seconds_median", "rep_seconds_median")
 # shown only where some run measured them
-OPTIONAL = ("distract_in", "distract_out", "generation_new", "generation_old")
+OPTIONAL = ("distract_in", "distract_out", "long_old", "generation_new", "generation_old")
 HEADERS = {"edit_seconds_median": "edit s", "rep_seconds_median": "REP s", "fluency": "fluency (bits)",
            "rephrase_in": "reph. in", "rephrase_out": "reph. out", "shuffle_in": "shuf. in",
            "shuffle_out": "shuf. out", "long_in": "long in", "long_out": "long out",
            "paraphrase": "paraphr.", "reversion": "reversion", "distract_in": "distr. in",
-           "distract_out": "distr. out", "generation_new": "says new", "generation_old": "says old"}
+           "distract_out": "distr. out", "long_old": "long, old fact", "generation_new": "says new",
+           "generation_old": "says old"}
 BAR_KEYS = ("success", "paraphrase", "locality", "rephrase_in", "rephrase_out", "shuffle_in",
-            "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "generation_new",
+            "shuffle_out", "long_in", "long_out", "distract_in", "distract_out", "long_old", "generation_new",
             "generation_old")
 KS_GROUPS = ("rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "random")
 

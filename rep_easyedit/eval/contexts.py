@@ -118,3 +118,25 @@ def long_context_of_kind(record: dict, tok, corpus: list[str], n_tokens: int, ki
     for sentence, part in zip(inserts, parts[1:]):
         out = f"{out.rstrip()} {sentence} {part.lstrip()}"
     return out.strip()
+
+
+# the setting where a long context hurts the base method (benchmarks/lab/probe_long_context.py,
+# SmolLM2 dev 0-9: ROME's success 100 -> 25 with an old-object prefix of 1024 tokens)
+HURTING_KIND = "old_object"
+HURTING_TOKENS = 1024
+HURTING_CONTEXTS = 2
+
+
+def hurting_long_contexts(record: dict, tok, corpus: list[str], *, base_seed: int = 0,
+                          n_tokens: int = HURTING_TOKENS, n: int = HURTING_CONTEXTS) -> dict:
+    """`{"long_old": [...]}`: `n` prefixes of about `n_tokens` tokens of corpus text that restate the
+    old fact every 128 tokens (`long_context_of_kind(..., "old_object")`), fixed per case. Empty
+    where the case has no old object; an error without a corpus."""
+    if not (record.get("target_true") or record.get("ground_truth")):
+        return {"long_old": []}
+    if not corpus:
+        raise ValueError("metric long_old needs a corpus for its prefixes (rep.corpus text files, or "
+                         "text sampled from the model: the runner loads it when n_long_contexts > 0)")
+    rng = np.random.default_rng(case_seed(record, base_seed) + 29)
+    return {"long_old": [long_context_of_kind(record, tok, corpus, n_tokens, HURTING_KIND, rng)
+                         for _ in range(n)]}

@@ -39,6 +39,7 @@ METRIC_FIELDS: dict[str, tuple[str, ...]] = {
     "shuffle": ("subject",),
     "long": ("prompt",),
     "distract": ("prompt", "subject"),
+    "long_old": ("prompt", "target_true"),
     "generation": ("prompt",),
 }
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_FIELDS)

@@ -30,6 +30,9 @@ Metrics of a case (each a mean over that case's prompts/variants; None when the 
 - ``distract_in/out`` (metric ``distract``, opt-in): a distracting context (`eval/contexts.py`:
   the old fact and the subject tied to the old object, built from the request; or the case's
   neighbourhood facts), a space, then the prompt → target_new.
+- ``long_old`` (opt-in): a long context that hurts: ~1,024 tokens of corpus text restating the old
+  fact every 128 tokens (`contexts.hurting_long_contexts`, two per case), a blank line, then the
+  prompt → target_new. REP never trains on this kind.
 - ``generation_new/old`` (metric ``generation``, opt-in): greedy free answers to the prompt, a
   question form and the chat template (`eval/generation.py`); the share of forms whose answer
   names target_new / target_true. Not teacher-forced: what the model says on its own.
@@ -56,7 +59,7 @@ RATE_KEYS = ("success", "paraphrase", "locality", "reversion", "rephrase_in", "r
              "generation_new", "generation_old")
 METRIC_KEYS = ("success", "paraphrase", "locality", "reversion", "fluency", "rephrase_in",
                "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in",
-               "distract_out", "generation_new", "generation_old")
+               "distract_out", "long_old", "generation_new", "generation_old")
 SUMMARY_KEYS = ("n_cases", *METRIC_KEYS, "edit_seconds_median", "rep_seconds_median")
 ROBUSTNESS_KEYS = ("rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out")
 DEFAULT_METRICS = ("success", "paraphrase", "reversion", "locality", "fluency", "rephrase",
@@ -254,6 +257,9 @@ def evaluate_case(model, tok, record: dict, perturbations: Perturbations | dict 
         for half in ("in", "out"):
             groups[f"distract_{half}"] = [(with_distractor(c, record["prompt"]), target_new)
                                           for c in contexts.get(f"distract_{half}", [])]
+    if "long_old" in metrics and contexts is not None:
+        groups["long_old"] = [(with_context(c, record["prompt"]), target_new)
+                              for c in contexts.get("long_old", [])]
     if "locality" in metrics and locality_ref is not None:
         groups["locality"] = [tuple(p) for p in locality_ref["pairs"]]
         if groups["locality"] != _locality_pairs(record):

@@ -253,7 +253,7 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
     from rep_easyedit.eval.metrics import (DEFAULT_METRICS, METRIC_KEYS, evaluate_case,
                                          key_similarities, locality_reference)
     from rep_easyedit.core.perturbations import build_perturbations
-    from rep_easyedit.eval.contexts import distracting_contexts
+    from rep_easyedit.eval.contexts import distracting_contexts, hurting_long_contexts
 
     if edit is None:
         from rep_easyedit.editing import edited as edit
@@ -280,6 +280,9 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
         pert = build_perturbations(record, tok, list(corpus or []), **settings)
         contexts = (distracting_contexts(record, base_seed=settings.get("base_seed", 0))
                     if "distract" in metrics else None)
+        if "long_old" in metrics:
+            contexts = {**(contexts or {}), **hurting_long_contexts(
+                record, tok, list(corpus or []), base_seed=settings.get("base_seed", 0))}
         t0 = time.perf_counter()
         loc_ref = locality_reference(model, tok, record, batch_size) if "locality" in metrics else None
         t_ref = time.perf_counter() - t0
@@ -405,7 +408,7 @@ def main(cfg) -> dict:
     model, tok = load_model_and_tokenizer(cfg.model.path, device=getattr(hparams, "device", "cpu"),
                                           dtype=cfg.model.dtype)
     corpus: list[str] = []
-    if settings["n_long"] > 0 or cfg.key_similarity:
+    if settings["n_long"] > 0 or cfg.key_similarity or "long_old" in metrics:
         seed = hparams.rep.seed if is_rep(hparams) else settings["base_seed"]
         corpus = load_corpus(settings["corpus"], model, tok, seed=seed)
     (out_dir / "run.json").write_text(json.dumps(run, indent=1, default=_jsonable) + "\n", encoding="utf-8")

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# recipe name -> REPConfig overrides (on top of the REPConfig defaults)
+# recipe name -> REPConfig overrides (on top of the REPConfig defaults of the day: `default` rows in
+# files written before issue 16 changed them ran with steps 200 and screen_negatives 0, `old_default`)
 RECIPES = {
     "paper": dict(steps=10, lr=5e-4, alpha=5e4, gate_weight=0.0, aggregation="cosine", adaptive_stop=False),
     "fixed100_lr3e-3": dict(steps=100, lr=3e-3, adaptive_stop=False),
@@ -46,10 +47,11 @@ RECIPES = {
     "lr6e-3": dict(lr=6e-3),
     "gate0.025_negstep256": dict(gate_ratio=0.025, negatives_per_step=256),
     "gate0.05_negstep256": dict(gate_ratio=0.05, negatives_per_step=256),
-    "screen1e-4": dict(screen_negatives=1e-4),
-    "screen1e-3": dict(screen_negatives=1e-3),
-    "screen1e-2": dict(screen_negatives=1e-2),
-    "screen3e-2": dict(screen_negatives=3e-2),
+    # issue 16: screening the negatives the gate already rejects, on the recipe before it
+    "old_default": dict(steps=200, screen_negatives=0.0),
+    "screen1e-3": dict(steps=200, screen_negatives=1e-3),
+    "screen1e-2": dict(steps=200, screen_negatives=1e-2),
+    "screen3e-2": dict(steps=200, screen_negatives=3e-2),
     "cap120": dict(steps=120),
     "cap150": dict(steps=150),
     "cap120_negstep256": dict(steps=120, negatives_per_step=256),
@@ -110,10 +112,11 @@ def main(argv=None):
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--out", required=True)
     ap.add_argument("--summarize", action="store_true", help="print the tables of an existing --out file and stop")
+    ap.add_argument("--base", default="default", help="the recipe the others are paired with")
     args = ap.parse_args(argv)
     if args.summarize:
         rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
-        print(summary(rows, list(dict.fromkeys(r["recipe"] for r in rows))))
+        print(summary(rows, list(dict.fromkeys(r["recipe"] for r in rows)), args.base))
         return
 
     import rep_easyedit  # noqa: F401
@@ -152,11 +155,11 @@ def main(argv=None):
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
     print(f"model {args.model}, {len(records)} cases (dev {args.skip}..{args.skip + len(records) - 1})")
-    print(summary(rows, args.recipes))
+    print(summary(rows, args.recipes, args.base))
 
 
-def summary(rows: list[dict], recipes: list[str]) -> str:
-    """Means per recipe, then each recipe against `default` on the same cases: mean Δ of the scores,
+def summary(rows: list[dict], recipes: list[str], base_name: str = "default") -> str:
+    """Means per recipe, then each recipe against `base_name` on the same cases: mean Δ of the scores,
     how many cases went lower / higher, and the training time as a ratio of the default's (median)."""
     cols = ["in_fire", "in_dist0", "in_dist", "out_fire", "out_dist0", "out_dist", "loc_fire", "neg_fire",
             "steps", "train_s", "negatives_kept"]
@@ -168,15 +171,15 @@ def summary(rows: list[dict], recipes: list[str]) -> str:
             vals = [r[c] for r in mine if r.get(c) is not None]
             cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    base = {r["case_id"]: r for r in rows if r["recipe"] == "default"}
+    base = {r["case_id"]: r for r in rows if r["recipe"] == base_name}
     if not base:
         return "\n".join(lines)
     paired = ["in_fire", "in_dist", "out_fire", "out_dist", "loc_fire", "neg_fire", "steps"]
-    lines += ["", "| recipe vs default | cases | " + " | ".join(f"Δ {c} (lower/higher)" for c in paired)
-              + " | train time / default (median) |", "|---|---:|" + "---:|" * (len(paired) + 1)]
+    lines += ["", f"| recipe vs {base_name} | cases | " + " | ".join(f"Δ {c} (lower/higher)" for c in paired)
+              + f" | train time / {base_name} (median) |", "|---|---:|" + "---:|" * (len(paired) + 1)]
     for name in recipes:
         pairs = [(base[r["case_id"]], r) for r in rows if r["recipe"] == name and r["case_id"] in base]
-        if name == "default" or not pairs:
+        if name == base_name or not pairs:
             continue
         cells = []
         for c in paired:

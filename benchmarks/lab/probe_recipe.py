@@ -99,6 +99,21 @@ def score(adapter, keys, out_keys, loc_every, report):
             row["out_dist"] = relative_distance(adapter(out_keys, hard=True), keys.target)
         row["loc_fire"] = float(np.mean([bool((adapter.gate_prob(k).squeeze(-1) > tau).any())
                                          for k in loc_every]))
+        # the edit's share a(k) = k·k*/k*·k* (ROME with C = I) through the adapter, and with a pathway
+        # that would put a firing key exactly on k* ("snap"): what the learned move leaves on the table
+        k_star = keys.target if keys.target.dim() == 1 else keys.target.mean(0)
+        share = lambda k: (k @ k_star) / k_star.dot(k_star)  # noqa: E731
+        if out_keys is not None and len(out_keys):
+            fire = adapter.gate_prob(out_keys).squeeze(-1) > tau
+            row["out_act0"] = float(share(out_keys).mean())
+            row["out_act"] = float(share(adapter(out_keys, hard=True)).mean())
+            row["out_act_snap"] = float(torch.where(fire, torch.ones_like(fire, dtype=torch.float32),
+                                                    share(out_keys)).mean())
+        loc = [(share(k), share(adapter(k, hard=True)), adapter.gate_prob(k).squeeze(-1) > tau) for k in loc_every]
+        row["loc_act0"] = float(np.mean([float(a0.max()) for a0, _, _ in loc]))
+        row["loc_act"] = float(np.mean([float(a.max()) for _, a, _ in loc]))
+        row["loc_act_snap"] = float(np.mean([float(torch.where(f, torch.ones_like(a0), a0).max())
+                                             for a0, _, f in loc]))
     return row
 
 
@@ -162,7 +177,8 @@ def summary(rows: list[dict], recipes: list[str], base_name: str = "default") ->
     """Means per recipe, then each recipe against `base_name` on the same cases: mean Δ of the scores,
     how many cases went lower / higher, and the training time as a ratio of the default's (median)."""
     cols = ["in_fire", "in_dist0", "in_dist", "out_fire", "out_dist0", "out_dist", "loc_fire", "neg_fire",
-            "steps", "train_s", "negatives_kept"]
+            "steps", "train_s", "negatives_kept", "out_act0", "out_act", "out_act_snap", "loc_act0", "loc_act",
+            "loc_act_snap"]
     lines = ["| recipe | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name in recipes:
         mine = [r for r in rows if r["recipe"] == name]

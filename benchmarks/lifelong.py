@@ -141,6 +141,7 @@ def _settings(config: dict, current: dict | None = None) -> dict:
 
     A stored `config` recorded before runs kept REP's resolved recipe ran with the REPConfig defaults
     of its day: today's `current` ones, except those in `CHANGED_DEFAULTS` that its `--set` did not name.
+    A recorded recipe that lacks a field added since ran with that field's default of its day.
     """
     from rep_easyedit.core.config import CHANGED_DEFAULTS
 
@@ -148,6 +149,9 @@ def _settings(config: dict, current: dict | None = None) -> dict:
     if current is not None and "rep" in current and "rep" not in settings:
         named = {key[len("rep."):] for key in settings.get("set", {}) if key.startswith("rep.")}
         settings["rep"] = {**current["rep"], **{k: v for k, v in CHANGED_DEFAULTS.items() if k not in named}}
+    elif current is not None and "rep" in current:  # a field added since the recipe was recorded
+        added = {k: CHANGED_DEFAULTS.get(k, v) for k, v in current["rep"].items() if k not in settings["rep"]}
+        settings["rep"] = {**settings["rep"], **added}
     return settings
 
 

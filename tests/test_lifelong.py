@@ -110,6 +110,7 @@ def test_resume_refuses_a_recipe_whose_default_changed_under_the_run(monkeypatch
     lifelong = _lifelong()
     current = {"alg": "REP-AlphaEdit", "n": 20, "set": {}, "rep": dataclasses.asdict(REPConfig())}
     old = {"alg": "REP-AlphaEdit", "n": 10, "set": {}}  # recorded before progress kept `rep`
+    monkeypatch.setattr(rep_config, "CHANGED_DEFAULTS", {})
     assert lifelong._settings(old, current) == lifelong._settings(current)
     monkeypatch.setattr(rep_config, "CHANGED_DEFAULTS", {"steps": 200})
     current["rep"]["steps"] = 120  # a default lowered since the old run
@@ -118,3 +119,20 @@ def test_resume_refuses_a_recipe_whose_default_changed_under_the_run(monkeypatch
     assert lifelong._settings(*named) == lifelong._settings(named[1])  # the old run named it itself
     recorded = {**current, "n": 10, "rep": {**current["rep"], "steps": 200}}
     assert lifelong._settings(recorded, current) != lifelong._settings(current)
+
+
+def test_resume_reads_a_field_added_after_the_recorded_recipe(monkeypatch):
+    """A recorded recipe that predates a field ran with that field's behaviour of its day: the
+    default, or what `CHANGED_DEFAULTS` says it was."""
+    import dataclasses
+
+    from rep_easyedit.core import config as rep_config
+    from rep_easyedit.core.config import REPConfig
+
+    lifelong = _lifelong()
+    current = {"alg": "REP-AlphaEdit", "n": 20, "set": {}, "rep": dataclasses.asdict(REPConfig())}
+    recorded = {**current, "n": 10, "rep": {k: v for k, v in current["rep"].items() if k != "merge_steps"}}
+    monkeypatch.setattr(rep_config, "CHANGED_DEFAULTS", {})
+    assert lifelong._settings(recorded, current) == lifelong._settings(current)  # merge_steps: its default
+    monkeypatch.setattr(rep_config, "CHANGED_DEFAULTS", {"merge_steps": 50})
+    assert lifelong._settings(recorded, current) != lifelong._settings(current)  # it ran with 50

@@ -355,3 +355,20 @@ def test_screened_negatives_train_the_same_gate_on_fewer_rows():
     for bad in (-0.1, 0.5):
         with pytest.raises(ValueError, match="screen_negatives"):
             REPConfig(screen_negatives=bad).check()
+
+
+def test_stop_distance_ends_training_once_the_held_in_keys_are_close():
+    """`rep.stop_distance`: with the gate separating, training stops once the keys are that close to
+    k*, though the loss still falls; off (0) it runs on to the plateau or the cap."""
+    torch.manual_seed(0)
+    pos = torch.randn(20, 64) + 1.5
+    keys = TrainingKeys(pos, torch.randn(300, 64) - 1.5, pos.mean(0) + 1.0)
+    reports = {}
+    for distance in (0.0, 0.3):
+        torch.manual_seed(1)
+        reports[distance] = train_adapter(GatedLowRankAdapter(64, rank=8),
+                                          keys, REPConfig(rank=8, steps=300, stop_distance=distance, stop_plateau=0.0))
+    assert reports[0.3].steps < reports[0.0].steps
+    assert reports[0.3].distance_after < 0.35 and reports[0.3].gate_pos_fire >= 0.95
+    with pytest.raises(ValueError, match="stop_distance"):
+        REPConfig(stop_distance=1.5).check()

@@ -55,6 +55,9 @@ class REPConfig:
     stop_plateau: float = 0.03
     stop_pos_fire: float = 0.95
     stop_neg_fire: float = 0.01
+    # > 0 (aggregation "match"): the held-in keys also count as on target once their mean squared
+    # relative distance to k* is below stop_distance² (whether or not the loss still falls)
+    stop_distance: float = 0.0
     # an edit whose pathway does nothing (health.py): warn (false) or raise before the model changes
     strict: bool = False
     num_negatives: int = 1024      # gate negatives sampled per edit
@@ -94,7 +97,7 @@ class REPConfig:
                              "rep.fit_after_update trains only after the update; choose one")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"rep.tau must lie in (0, 1), got {self.tau}")
-        for name in ("stop_plateau", "stop_pos_fire", "stop_neg_fire"):
+        for name in ("stop_plateau", "stop_pos_fire", "stop_neg_fire", "stop_distance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",

@@ -195,7 +195,8 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
             if not finite:
                 _require_finite(loss)
             if rep.adaptive_stop and step >= max(rep.min_steps, STOP_CHECK_EVERY) and window_start is not None:
-                plateau = (window_start - now) <= rep.stop_plateau * abs(window_start)
+                plateau = (window_start - now) <= rep.stop_plateau * abs(window_start) or \
+                    (rep.aggregation == "match" and now <= rep.stop_distance ** 2)
                 if plateau:
                     pos_fire, neg_fire = fire_shares(adapter, pos, stop_neg)
                     if pos_fire >= rep.stop_pos_fire and neg_fire <= rep.stop_neg_fire:

@@ -117,6 +117,10 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     negatives. `steps` (default `rep.steps`) is the cap; the steps used are reported.
     With `rep.negatives_per_step` > 0 each step's gate loss sees a fresh sample of that many negatives
     (drawn from `rep.seed`; hard negatives every step); the stop and the report check all of them.
+    Otherwise, with `rep.screen_negatives` > 0, each 10-step window after the first leaves out of the
+    gate loss the negatives whose gate probability is below it (re-checked every window). With
+    `rep.stop_distance` > 0 (`match`), keys within that relative distance of k* count as on target
+    even while the loss still falls.
     """
     cap = rep.steps if steps is None else steps
     device = next(adapter.parameters()).device
@@ -151,9 +155,9 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         sampler = torch.Generator(device=device).manual_seed(rep.seed)
         n_neg = per_step
     zeros = torch.zeros(n_neg, device=device)
-    # rep.screen_negatives: each window's gate loss leaves out the negatives the gate already rejects
-    # with probability above 1 - screen (a negative's BCE gradient is its gate probability, so each
-    # left-out one moves the step by less than `screen` / its share); the sum still divides by all
+    # rep.screen_negatives: each window's gate loss leaves out the negatives whose gate probability is
+    # already below `screen` (a negative's BCE gradient is its gate probability, so each left-out one
+    # would move the step by less than `screen` over the number of negatives); the sum divides by all
     screen = rep.screen_negatives if use_gate and not per_step and n_neg else 0.0
     adapter.train()
     loss = agg = cons = gate = torch.zeros((), device=device)
@@ -162,7 +166,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     kept_rows = 0  # negatives in the gate loss, summed over steps (rep.screen_negatives' report)
     for step in range(cap):
         opt.zero_grad(set_to_none=True)
-        if screen and step % STOP_CHECK_EVERY == 0 and step:  # the window's one host sync covers it
+        if screen and step % STOP_CHECK_EVERY == 0 and step:  # one host sync, at the stop check's step
             with torch.no_grad():
                 kept = (adapter.gate_prob(neg).squeeze(-1) >= screen).nonzero().squeeze(-1)
             gate_in = torch.cat([pos, neg[kept], *hard_rows])

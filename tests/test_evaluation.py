@@ -167,7 +167,7 @@ def test_summary_keys_and_percent():
                        "rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in",
                        "long_out", "distract_in", "distract_out", "long_old", "generation_new",
                        "generation_old", "edit_seconds_median", "rep_seconds_median"]
-    assert s["n_cases"] == 2 and s["success"] == 50.0 and s["fluency"] == 4.0
+    assert s["n_cases"] == 2 and s["success"] == 50.0 and s["long_old"] == 50.0 and s["fluency"] == 4.0
     assert s["long_in"] is None and s["edit_seconds_median"] == 3.0 and s["rep_seconds_median"] is None
 
 

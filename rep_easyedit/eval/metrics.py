@@ -56,7 +56,7 @@ from .generation import generation_check, greedy_answer
 
 RATE_KEYS = ("success", "paraphrase", "locality", "reversion", "rephrase_in", "rephrase_out",
              "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in", "distract_out",
-             "generation_new", "generation_old")
+             "long_old", "generation_new", "generation_old")
 METRIC_KEYS = ("success", "paraphrase", "locality", "reversion", "fluency", "rephrase_in",
                "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in",
                "distract_out", "long_old", "generation_new", "generation_old")

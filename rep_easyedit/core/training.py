@@ -154,7 +154,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     if per_step:
         sampler = torch.Generator(device=device).manual_seed(rep.seed)
         n_neg = per_step
-    zeros = torch.zeros(n_neg, device=device)
+    zeros = torch.zeros(n_neg, device=device)  # labels of every negative in the gate loss (a prefix when screened)
     # rep.screen_negatives: each window's gate loss leaves out the negatives whose gate probability is
     # already below `screen` (a negative's BCE gradient is its gate probability, so each left-out one
     # would move the step by less than `screen` over the number of negatives); the sum divides by all
@@ -171,7 +171,6 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
                 kept = (adapter.gate_prob(neg).squeeze(-1) >= screen).nonzero().squeeze(-1)
             gate_in = torch.cat([pos, neg[kept], *hard_rows])
             n_neg = len(kept)
-            zeros = zeros[:n_neg] if n_neg <= len(zeros) else torch.zeros(n_neg, device=device)
         if per_step:
             sampled = neg[torch.randperm(len(neg), generator=sampler, device=device)[:per_step]]
             gate_in = torch.cat([pos, sampled, *hard_rows])
@@ -184,7 +183,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
             if screen:  # the kept negatives' BCE summed, over all negatives (the left-out add ~0)
                 gate = gate + F.binary_cross_entropy_with_logits(
-                    logits[n_pos:n_pos + n_neg], zeros, reduction="sum") / len(neg)
+                    logits[n_pos:n_pos + n_neg], zeros[:n_neg], reduction="sum") / len(neg)
             elif n_neg:
                 gate = gate + F.binary_cross_entropy_with_logits(logits[n_pos:n_pos + n_neg], zeros)
             if hard_neg is not None:  # a group as heavy as all other negatives together

@@ -54,12 +54,11 @@ from ..core.perturbations import Perturbations, with_context, with_subject
 from .contexts import with_distractor
 from .generation import generation_check, greedy_answer
 
-RATE_KEYS = ("success", "paraphrase", "locality", "reversion", "rephrase_in", "rephrase_out",
-             "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in", "distract_out",
-             "long_old", "generation_new", "generation_old")
+
 METRIC_KEYS = ("success", "paraphrase", "locality", "reversion", "fluency", "rephrase_in",
                "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in",
                "distract_out", "long_old", "generation_new", "generation_old")
+RATE_KEYS = tuple(k for k in METRIC_KEYS if k != "fluency")  # shares in [0, 1], summarised in %
 SUMMARY_KEYS = ("n_cases", *METRIC_KEYS, "edit_seconds_median", "rep_seconds_median")
 ROBUSTNESS_KEYS = ("rephrase_in", "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out")
 DEFAULT_METRICS = ("success", "paraphrase", "reversion", "locality", "fluency", "rephrase",

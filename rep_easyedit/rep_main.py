@@ -24,6 +24,7 @@ from .compat.easyedit import editor_uses_sequential_flag, shims_applied
 from .core.health import check_health, pathway_health
 from .hparams import REPHyperParams
 from .core.key_cache import cached_token_keys
+from .core.kin_names import kin_names
 from .core.merging import KEPT, KeysNotKept, merge_in_place, slimmed
 from .core.keys import collect_keys_flat, subject_last_index, subject_last_indices
 from .core.devices import padding_side
@@ -132,7 +133,8 @@ def sibling_rng(pert: Perturbations) -> np.random.Generator:
 
 def gather_training_keys(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                          path: str, rep, corpus: list[str], rng: np.random.Generator,
-                         negatives_cache: str | None = None, cache_negatives: bool = True) -> TrainingKeys:
+                         negatives_cache: str | None = None, cache_negatives: bool = True,
+                         kin: list[str] | None = None) -> TrainingKeys:
     """Positives, negatives and the edit key k* at one module, from one batched key collection.
 
     k* is the backend's own: the subject's key averaged over each group of context templates,
@@ -146,7 +148,8 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     false (weights under the layer that no later edit will see again, e.g. an upper layer after
     MEMIT's update) the spans join the one collection instead. The keys stay on the edited
     module's device (float32). The negatives are sampled by index before they are gathered, with
-    the same draw as over their concatenation.
+    the same draw as over their concatenation. `kin`: the request's sibling names
+    (`request_kin_names`), sampled here when not given and `rep.kin_negatives` is on.
     """
     templates = [t for group in template_groups for t in group]
     variants = training_variants(request, pert, rep.train_on)
@@ -157,7 +160,10 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
                                 exclude=variants)
     partials = partial_subjects(tok, request["subject"], rep.partial_negatives,  # [] when off (-1)
                                 np.random.default_rng([pert.seed, 2]), exclude=variants + siblings)
-    hard_texts = _variant_texts(request, siblings + partials, templates[:1], [])
+    if kin is None:
+        kin = request_kin_names(model, tok, request, pert, rep)
+    kin = [name for name in kin if name not in siblings + partials]
+    hard_texts = _variant_texts(request, siblings + partials + kin, templates[:1], [])
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
     for pair in pos_texts + target_texts + hard_texts:
@@ -222,6 +228,16 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
                         hard_negatives=hard)
 
 
+def request_kin_names(model, tok, request: dict, pert: Perturbations, rep) -> list[str]:
+    """`rep.kin_negatives` names of the subject's kind, from the model (none when off); one draw per request."""
+    if rep.kin_negatives <= 0:
+        return []
+    truth = request.get("ground_truth")
+    truth = truth if isinstance(truth, str) and truth.strip() and truth != "<|endoftext|>" else None
+    return kin_names(model, tok, _prompt_filled(request), request["subject"], truth, rep.kin_negatives,
+                     seed=pert.seed + 3, exclude=training_variants(request, pert, rep.train_on))
+
+
 def _model_name(model) -> str:
     from .corpus import model_folder_name
 
@@ -240,6 +256,7 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
     TrainingReport)], the report carrying the seconds spent collecting keys and training.
     """
     fitted = []
+    kin = request_kin_names(model, tok, request, pert, rep)  # once, before any adapter is installed
     with contextlib.ExitStack() as lower_adapters:
         for layer, path in sorted(paths.items()):
             rng = np.random.default_rng(pert.seed + layer)
@@ -248,7 +265,7 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             # adapters (and, after the update, its weights), which no later edit sees again
             keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng,
                                         negatives_cache=negatives_cache,
-                                        cache_negatives=not fitted)
+                                        cache_negatives=not fitted, kin=kin)
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0

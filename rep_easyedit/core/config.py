@@ -70,6 +70,9 @@ class REPConfig:
     # the subject's proper token prefixes and this many shuffles of its tokens before the last word, as
     # gate negatives (hard); -1 = off, 0 = the prefixes only (perturbations.partial_subjects)
     partial_negatives: int = -1
+    # this many names of the subject's kind, sampled from the model itself (a list continued after the
+    # old fact: "BMW E30" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
+    kin_negatives: int = 0
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value v* over the in-domain variant prompts as well
     # (ROME-style backends with a `compute_v`); see rep_easyedit/robust_value.py
@@ -101,7 +104,7 @@ class REPConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
-                     "num_negatives", "negatives_per_step", "corpus_negative_texts", "sibling_negatives", "merge_rank",
+                     "num_negatives", "negatives_per_step", "corpus_negative_texts", "sibling_negatives", "kin_negatives", "merge_rank",
                      "merge_negatives_per_edit", "merge_steps"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")

@@ -256,7 +256,9 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
     TrainingReport)], the report carrying the seconds spent collecting keys and training.
     """
     fitted = []
+    t_kin = time.perf_counter()
     kin = request_kin_names(model, tok, request, pert, rep)  # once, before any adapter is installed
+    t_kin = time.perf_counter() - t_kin
     with contextlib.ExitStack() as lower_adapters:
         for layer, path in sorted(paths.items()):
             rng = np.random.default_rng(pert.seed + layer)
@@ -268,7 +270,7 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
                                         cache_negatives=not fitted, kin=kin)
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
-            t_keys = time.perf_counter() - t0
+            t_keys = time.perf_counter() - t0 + (0.0 if fitted else t_kin)  # sampling the names counts once
             adapter = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, pert.seed + layer,
                                     get_module(model, path).weight.device)
             t1 = time.perf_counter()
@@ -277,6 +279,8 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             report.seconds_train = time.perf_counter() - t1
             report.seconds_per_step = report.seconds_train / max(1, report.steps)
             report.collection = dict(keys.collection or {})
+            if rep.kin_negatives:
+                report.collection["kin_names"] = list(kin)
             freeze(adapter)
             if rep.merge_rank:  # what a later merge retrains this edit on
                 setattr(adapter, KEPT, [slimmed(keys, rep.merge_negatives_per_edit, seed=pert.seed + layer)])

@@ -7,8 +7,7 @@ the subject: asked to continue a numbered list that starts with the subject unde
 ("BMW E23, developed by BMW. Other examples of the same kind: 1. BMW E23 2."), it writes siblings
 ("BMW E30", "Stuttgart" for "Darmstadt"). Only the request is read: prompt, subject, ground truth.
 
-Items that are part of the subject, contain it ("BMW E23 sedan"), or are a trained variant are
-dropped: those are surface forms of the subject, not neighbours.
+Items that are surface forms of the subject rather than neighbours are dropped (`is_kin`).
 """
 
 from __future__ import annotations
@@ -46,12 +45,26 @@ def list_items(continuation: str) -> list[str]:
     return items
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text.casefold())
+
+
 def is_kin(item: str, subject: str, exclude: list[str]) -> bool:
-    """A usable sibling name: a short name with a letter in it, not a surface form of the subject."""
+    """A usable sibling name: a short name with a letter in it, not a surface form of the subject.
+
+    Surface forms left out: part of the subject or containing it, a trained variant, a name that
+    shares the subject's last word ("Alfa Romeo F355" for "Ferrari F355": the key
+    at its last token is close to the subject's own; "Jean de Croisset" for "Francis de Croisset").
+    Near-spellings ("Eduardo Duhhala") stay: no spelling measure tells them from siblings ("BMW E31"
+    for "BMW E23").
+    """
     low, subj = " ".join(item.casefold().split()), " ".join(subject.casefold().split())
     if not 1 < len(low) <= 60 or not re.search(r"[^\W\d_]", low):
         return False
     if low in subj or subj in low:
+        return False
+    words = _words(subject)
+    if words and words[-1] in _words(item):
         return False
     return low not in {" ".join(e.casefold().split()) for e in exclude}
 

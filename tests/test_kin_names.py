@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from rep_easyedit.core import key_cache
@@ -104,3 +105,48 @@ def test_kin_names_are_hard_negatives_keyed_at_their_last_token(tiny_model, toke
     drawn = request_kin_names(tiny_model, tokenizer, dict(REQ), pert, rep)
     assert drawn == kin_names(tiny_model, tokenizer, REQ["prompt"], REQ["subject"], "BMW", 4, seed=pert.seed + 3,
                               exclude=training_variants(dict(REQ), pert, rep.train_on))
+
+
+@pytest.mark.real_model
+def test_kin_names_keep_the_gate_off_the_demo_cases_neighbours(real_model, dev_cases):
+    """The demo's case (808, "Mercator Ice Piedmont" on SmolLM2): without kin names the gate fires on
+    neighbours that are other Antarctic places ("Queen Maud Land"), which is where REP-ROME lost
+    locality; with `kin_negatives: 8` the model's own names of Antarctic places teach it off them,
+    while it still fires on the subject's trained variants. The report names what was sampled."""
+    from rep_easyedit.backends import get_backend, templates_keyed_by_model
+    from rep_easyedit.compat.easyedit import shims_applied
+    from rep_easyedit.core.devices import padding_side
+    from rep_easyedit.core.keys import collect_keys_flat
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.editing import load_hparams
+    from rep_easyedit.rep_main import edited_module_paths, fit_adapters
+
+    from conftest import ROOT, request_from_case
+
+    model, tok = real_model
+    case = next(c for c in dev_cases if c["case_id"] == 808)
+    hp = load_hparams(ROOT / "hparams/REP-ROME/smollm2-135m.yaml")
+    backend = get_backend(hp.backend_name)
+    base_hp = hp.backend_hparams(backend)
+    paths = edited_module_paths(model, base_hp)
+    corpus = load_corpus(hp.rep.corpus, model, tok, seed=hp.rep.seed)
+    request = request_from_case(case)
+    fired = {}
+    with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
+        torch.manual_seed(0)
+        templates = backend.context_templates(model, tok, base_hp)
+        for n in (0, 8):
+            rep = dataclasses.replace(hp.rep, kin_negatives=n)
+            pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=rep.n_long_contexts,
+                                       long_tokens=rep.long_context_tokens, base_seed=rep.seed)
+            (path, adapter, report), = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus)
+            flat = collect_keys_flat(model, tok, list(case["locality_prompt"]), path, None, all_tokens=True)
+            with torch.no_grad():
+                fired[n] = [bool((adapter.gate_prob(k) > adapter.tau).any()) for k in flat.per_text()]
+            assert report.gate_pos_fire >= 0.95
+            if n:
+                names = report.collection["kin_names"]
+                assert 0 < len(names) <= 8 and all(is_kin(x, request["subject"], []) for x in names)
+            else:
+                assert "kin_names" not in report.collection
+    assert sum(fired[0]) >= 2 and sum(fired[8]) < sum(fired[0])

@@ -71,7 +71,7 @@ class REPConfig:
     # gate negatives (hard); -1 = off, 0 = the prefixes only (perturbations.partial_subjects)
     partial_negatives: int = -1
     # this many names of the subject's kind, sampled from the model itself (a list continued after the
-    # old fact: "BMW E30" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
+    # old fact: "BMW E31" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
     kin_negatives: int = 0
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value v* over the in-domain variant prompts as well

@@ -5,7 +5,7 @@ neighbours whose facts locality measures ("Windows NT" for "Microsoft Office Mob
 corpus tokens it learns to reject are rarely names at all. The model knows which names sit beside
 the subject: asked to continue a numbered list that starts with the subject under its old fact
 ("BMW E23, developed by BMW. Other examples of the same kind: 1. BMW E23 2."), it writes siblings
-("BMW E30", "Stuttgart" for "Darmstadt"). Only the request is read: prompt, subject, ground truth.
+("BMW E31", "Wiesbaden" for "Darmstadt"). Only the request is read: prompt, subject, ground truth.
 
 Items that are surface forms of the subject rather than neighbours are dropped (`is_kin`).
 """
@@ -66,7 +66,7 @@ def is_kin(item: str, subject: str, exclude: list[str]) -> bool:
     words = _words(subject)
     if words and words[-1] in _words(item):
         return False
-    return low not in {" ".join(e.casefold().split()) for e in exclude}
+    return all(low != " ".join(e.casefold().split()) for e in exclude)
 
 
 def kin_names(model, tok, prompt_filled: str, subject: str, ground_truth: str | None, n: int, seed: int,
@@ -83,13 +83,12 @@ def kin_names(model, tok, prompt_filled: str, subject: str, ground_truth: str | 
         out = model.generate(**enc, do_sample=True, temperature=0.8, top_k=TOP_K, top_p=1.0,
                              max_new_tokens=MAX_NEW_TOKENS, num_return_sequences=SAMPLES, pad_token_id=pad)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    per_sample = [list_items(text) for text in texts]
     names: list[str] = []
     seen: set[str] = set()
-    for rank in range(MAX_NEW_TOKENS):  # round-robin over samples: the first items of each come first
-        for text in texts:
-            items = list_items(text)
-            if rank < len(items) and is_kin(items[rank], subject, list(exclude)) \
-                    and items[rank].casefold() not in seen:
+    for rank in range(max(map(len, per_sample), default=0)):  # round-robin: every sample's item 2 first
+        for items in per_sample:
+            if rank < len(items) and is_kin(items[rank], subject, exclude) and items[rank].casefold() not in seen:
                 seen.add(items[rank].casefold())
                 names.append(items[rank])
     return names[:n]

@@ -45,6 +45,11 @@ def list_items(continuation: str) -> list[str]:
     return items
 
 
+def _norm(text: str) -> str:
+    """Case and runs of whitespace do not make two names differ."""
+    return " ".join(text.casefold().split())
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"[^\W_]+", text.casefold())
 
@@ -58,7 +63,7 @@ def is_kin(item: str, subject: str, exclude: list[str]) -> bool:
     Near-spellings ("Eduardo Duhhala") stay: no spelling measure tells them from siblings ("BMW E31"
     for "BMW E23").
     """
-    low, subj = " ".join(item.casefold().split()), " ".join(subject.casefold().split())
+    low, subj = _norm(item), _norm(subject)
     if not 1 < len(low) <= 60 or not re.search(r"[^\W\d_]", low):
         return False
     if low in subj or subj in low:
@@ -66,7 +71,7 @@ def is_kin(item: str, subject: str, exclude: list[str]) -> bool:
     words = _words(subject)
     if words and words[-1] in _words(item):
         return False
-    return all(low != " ".join(e.casefold().split()) for e in exclude)
+    return all(low != _norm(e) for e in exclude)
 
 
 def kin_names(model, tok, prompt_filled: str, subject: str, ground_truth: str | None, n: int, seed: int,
@@ -88,7 +93,7 @@ def kin_names(model, tok, prompt_filled: str, subject: str, ground_truth: str | 
     seen: set[str] = set()
     for rank in range(max(map(len, per_sample), default=0)):  # round-robin: every sample's item 2 first
         for items in per_sample:
-            if rank < len(items) and is_kin(items[rank], subject, exclude) and items[rank].casefold() not in seen:
-                seen.add(items[rank].casefold())
+            if rank < len(items) and is_kin(items[rank], subject, exclude) and _norm(items[rank]) not in seen:
+                seen.add(_norm(items[rank]))
                 names.append(items[rank])
     return names[:n]

@@ -54,7 +54,6 @@ from ..core.perturbations import Perturbations, with_context, with_subject
 from .contexts import with_distractor
 from .generation import generation_check, greedy_answer
 
-
 METRIC_KEYS = ("success", "paraphrase", "locality", "reversion", "fluency", "rephrase_in",
                "rephrase_out", "shuffle_in", "shuffle_out", "long_in", "long_out", "distract_in",
                "distract_out", "long_old", "generation_new", "generation_old")

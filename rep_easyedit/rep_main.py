@@ -32,6 +32,7 @@ from .core.pathway import detach_adapter, get_module, install, pathway_installed
 from .core.perturbations import (Perturbations, build_perturbations, partial_subjects, sibling_subjects, with_context,
                                  with_subject)
 from .core.requests import validate_requests
+from .core.replay import BlockReplay
 from .core.training import TrainingKeys, freeze, fresh_adapter, train_adapter
 
 
@@ -71,6 +72,23 @@ def edited_module_paths(model, base_hp) -> dict[int, str]:
         paths[layer] = path
     _check_module_fields(model, base_hp, layers)
     return paths
+
+
+def blocks_below(model, base_hp, paths: dict[int, str]) -> list | None:
+    """The blocks under the lowest edited layer, which a multi-layer edit replays (`BlockReplay`).
+
+    None where there is nothing to replay (one layer, the lowest is block 0) or the layout is not
+    the plain one (`layer_module_tmp` missing, or the edited module outside its block)."""
+    template = getattr(base_hp, "layer_module_tmp", None)
+    lowest = min(paths)
+    if len(paths) < 2 or lowest == 0 or not isinstance(template, str) or "{}" not in template:
+        return None
+    if not paths[lowest].startswith(template.format(lowest) + "."):
+        return None
+    try:
+        return [get_module(model, template.format(i)) for i in range(lowest)]
+    except LookupError:
+        return None
 
 
 def _check_module_fields(model, base_hp, layers) -> None:
@@ -134,7 +152,7 @@ def sibling_rng(pert: Perturbations) -> np.random.Generator:
 def gather_training_keys(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                          path: str, rep, corpus: list[str], rng: np.random.Generator,
                          negatives_cache: str | None = None, cache_negatives: bool = True,
-                         kin: list[str] | None = None) -> TrainingKeys:
+                         kin: list[str] | None = None, replay: BlockReplay | None = None) -> TrainingKeys:
     """Positives, negatives and the edit key k* at one module, from one batched key collection.
 
     k* is the backend's own: the subject's key averaged over each group of context templates,
@@ -149,7 +167,9 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     MEMIT's update) the spans join the one collection instead. The keys stay on the edited
     module's device (float32). The negatives are sampled by index before they are gathered, with
     the same draw as over their concatenation. `kin`: the request's sibling names
-    (`request_kin_names`), sampled here when not given and `rep.kin_negatives` is on.
+    (`request_kin_names`), sampled here when not given and `rep.kin_negatives` is on. `replay`: one
+    `BlockReplay` for all layers of one request (the spans then always join the collection, so
+    every layer runs the same texts).
     """
     templates = [t for group in template_groups for t in group]
     variants = training_variants(request, pert, rep.train_on)
@@ -171,14 +191,14 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
             slot[pair] = len(unique)
             unique.append(pair)
     spans = corpus[: rep.corpus_negative_texts] if rep.corpus_negative_texts and corpus else []
-    inline = bool(spans) and not cache_negatives
+    inline = bool(spans) and (not cache_negatives or replay is not None)
     if inline:  # the spans ride along in the same tokenization and bucketed collection
         unique = unique + [(span, None) for span in spans]  # no position wanted
     texts = [t for t, _ in unique]
     positions, enc = subject_last_indices(tok, texts, [end for _, end in unique])
     if inline:
         unique = unique[: len(unique) - len(spans)]
-    flat = collect_keys_flat(model, tok, texts, path, positions, all_tokens=True, encoded=enc)
+    flat = collect_keys_flat(model, tok, texts, path, positions, all_tokens=True, encoded=enc, replay=replay)
     device = flat.picked.device
     pos_rows = torch.tensor([slot[p] for p in pos_texts], dtype=torch.long)
     target_rows = torch.tensor([slot[p] for p in target_texts], dtype=torch.long)
@@ -247,15 +267,18 @@ def _model_name(model) -> str:
 def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                  paths: dict[int, str], rep, corpus: list[str],
                  inverse_covariance: dict[int, torch.Tensor] | None = None,
-                 negatives_cache: str | None = None):
+                 negatives_cache: str | None = None, lower_blocks: list | None = None):
     """Train one adapter per edited layer for one request; nothing stays installed.
 
     Layers are trained bottom-up, each lower adapter installed while the keys of the layers above
     are collected, so a higher adapter learns on the keys it will see at use time (a lower
     adapter changes the inputs of every layer above it). Returns [(module path, adapter,
     TrainingReport)], the report carrying the seconds spent collecting keys and training.
+    `lower_blocks` (`blocks_below`): the first layer's collection records what they return and the
+    layers above replay it, running only the blocks from the lowest edited one up.
     """
     fitted = []
+    replay = BlockReplay(lower_blocks) if lower_blocks else None
     t_kin = time.perf_counter()
     kin = request_kin_names(model, tok, request, pert, rep)  # once, before any adapter is installed
     t_kin = time.perf_counter() - t_kin
@@ -267,7 +290,8 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             # adapters (and, after the update, its weights), which no later edit sees again
             keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng,
                                         negatives_cache=negatives_cache,
-                                        cache_negatives=not fitted, kin=kin)
+                                        cache_negatives=not fitted and replay is None, kin=kin,
+                                        replay=replay)
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0 + (0.0 if fitted else t_kin)  # sampling the names counts once
@@ -361,6 +385,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
 
                 corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
             inverse_covariance = _inverse_covariances(model, base_hp, paths, rep)
+            lower_blocks = blocks_below(model, base_hp, paths) if rep.replay_blocks else None
 
             def fit_and_install(request):
                 t1 = time.perf_counter()
@@ -369,7 +394,8 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                                            long_tokens=rep.long_context_tokens, base_seed=rep.seed)
                 fitted = fit_adapters(model, tok, request, pert, templates, paths, rep, corpus,
                                       inverse_covariance=inverse_covariance,
-                                      negatives_cache=getattr(base_hp, "stats_dir", None))
+                                      negatives_cache=getattr(base_hp, "stats_dir", None),
+                                      lower_blocks=lower_blocks)
                 health = pathway_health({path: report for path, _, report in fitted})
                 check_health(health, rep, request)
                 reports = {}

@@ -336,3 +336,21 @@ def test_editing_path_raises_no_deprecation_warning(model, tokenizer, tmp_path, 
             params[k][...] = v
     rep_easyedit.prune_inactive(edited)
     assert _unchanged(edited, state)
+
+
+def test_rep_memit_replayed_blocks_train_the_same_adapters(model, tokenizer, tmp_path):
+    """`rep.replay_blocks` only saves forward passes: the adapters and the edited model are the same."""
+    outputs, collected = {}, {}
+    ids = tokenizer(["Ferrari F355 is produced by", "The F355 by Ferrari is made by"], return_tensors="pt",
+                    padding=True)
+    for replay in (False, True):
+        state = _state(model)
+        req = dict(REQ)
+        edited, weights_copy = apply_rep_to_model(model, tokenizer, [req], rep_memit_hparams(tmp_path, rep_replay_blocks=replay),
+                                                  return_orig_weights=True, keep_original_weight=True)
+        with torch.no_grad():
+            outputs[replay] = edited(**ids).logits
+        collected[replay] = [r["collection"]["tokens"] for r in req["rep"]["training"].values()]
+        _restore_as_easyedit(edited, weights_copy, state)
+    assert torch.allclose(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
+    assert collected[True] == collected[False]

@@ -221,11 +221,14 @@ def run_to_module(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
 def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: str,
                       positions: Sequence[int] | None = None, all_tokens: bool = False, *,
                       encoded: Encoded | None = None, device: torch.device | str | None = None,
-                      token_budget: int = TOKEN_BUDGET, max_texts: int = MAX_TEXTS_PER_BATCH) -> FlatKeys:
+                      token_budget: int = TOKEN_BUDGET, max_texts: int = MAX_TEXTS_PER_BATCH,
+                      replay=None) -> FlatKeys:
     """Keys (float32, on `device`: default the hooked module's) of `texts`, length-bucketed.
 
     positions: one token index per text (keys at it come back as `picked`); all_tokens: also every
-    real token's key, concatenated in text order (`tokens`, split by `lengths`).
+    real token's key, concatenated in text order (`tokens`, split by `lengths`). replay: a
+    `replay.BlockReplay` shared by the collections of one edit's layers over the same texts: the
+    first records what the blocks below the lowest edited layer return, the later ones replay it.
     """
     module = get_module(model, module_path)
     enc = encoded if encoded is not None else encode(tok, texts)
@@ -249,11 +252,15 @@ def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: 
     starts = torch.cumsum(enc.lengths, 0) - enc.lengths  # each text's first row in `tokens`
     ids_dev = enc.input_ids.to(in_device, non_blocking=True)
     mask_dev = enc.attention_mask.to(in_device, non_blocking=True).long()  # as a tokenizer gives it
-    for batch in length_buckets(enc.lengths.tolist(), token_budget, max_texts):
+    batches = length_buckets(enc.lengths.tolist(), token_budget, max_texts)
+    if replay is not None:
+        batches = replay.plan(batches, enc.input_ids)
+    for index, batch in enumerate(batches):
         rows = torch.as_tensor(batch, dtype=torch.long)
         width = int(enc.lengths[rows].max())
         rows_dev = rows.to(in_device)
-        keys = run_to_module(model, module, ids_dev[rows_dev, :width], mask_dev[rows_dev, :width])
+        with replay.running(index) if replay is not None else contextlib.nullcontext():
+            keys = run_to_module(model, module, ids_dev[rows_dev, :width], mask_dev[rows_dev, :width])
         stats.forwards += 1
         stats.padded_tokens += len(batch) * width
         keys = keys.to(out_device)

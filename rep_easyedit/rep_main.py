@@ -74,19 +74,18 @@ def edited_module_paths(model, base_hp) -> dict[int, str]:
     return paths
 
 
-def blocks_below(model, base_hp, paths: dict[int, str]) -> list | None:
-    """The blocks under the lowest edited layer, which a multi-layer edit replays (`BlockReplay`).
+def blocks_to_replay(model, base_hp, paths: dict[int, str]) -> list | None:
+    """The blocks a multi-layer edit's key collections replay (`BlockReplay`): 0 up to the highest edited.
 
-    None where there is nothing to replay (one layer, the lowest is block 0) or the layout is not
-    the plain one (`layer_module_tmp` missing, or the edited module outside its block)."""
+    None where there is nothing to replay (one layer) or the layout is not the plain one
+    (`layer_module_tmp` missing, or an edited module outside its block)."""
     template = getattr(base_hp, "layer_module_tmp", None)
-    lowest = min(paths)
-    if len(paths) < 2 or lowest == 0 or not isinstance(template, str) or "{}" not in template:
+    if len(paths) < 2 or not isinstance(template, str) or "{}" not in template:
         return None
-    if not paths[lowest].startswith(template.format(lowest) + "."):
+    if not all(path.startswith(template.format(layer) + ".") for layer, path in paths.items()):
         return None
     try:
-        return [get_module(model, template.format(i)) for i in range(lowest)]
+        return [get_module(model, template.format(i)) for i in range(max(paths) + 1)]
     except LookupError:
         return None
 
@@ -267,18 +266,18 @@ def _model_name(model) -> str:
 def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups: list[list[str]],
                  paths: dict[int, str], rep, corpus: list[str],
                  inverse_covariance: dict[int, torch.Tensor] | None = None,
-                 negatives_cache: str | None = None, lower_blocks: list | None = None):
+                 negatives_cache: str | None = None, blocks: list | None = None):
     """Train one adapter per edited layer for one request; nothing stays installed.
 
     Layers are trained bottom-up, each lower adapter installed while the keys of the layers above
     are collected, so a higher adapter learns on the keys it will see at use time (a lower
     adapter changes the inputs of every layer above it). Returns [(module path, adapter,
     TrainingReport)], the report carrying the seconds spent collecting keys and training.
-    `lower_blocks` (`blocks_below`): the first layer's collection records what they return and the
-    layers above replay it, running only the blocks from the lowest edited one up.
+    `blocks` (`blocks_to_replay`): each layer's collection records what the block below it returns and
+    the next layer's starts there, running only the blocks in between.
     """
     fitted = []
-    replay = BlockReplay(lower_blocks) if lower_blocks else None
+    replay = BlockReplay(blocks) if blocks else None
     t_kin = time.perf_counter()
     kin = request_kin_names(model, tok, request, pert, rep)  # once, before any adapter is installed
     t_kin = time.perf_counter() - t_kin
@@ -385,7 +384,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
 
                 corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
             inverse_covariance = _inverse_covariances(model, base_hp, paths, rep)
-            lower_blocks = blocks_below(model, base_hp, paths) if rep.replay_blocks else None
+            blocks = blocks_to_replay(model, base_hp, paths) if rep.replay_blocks else None
 
             def fit_and_install(request):
                 t1 = time.perf_counter()
@@ -395,7 +394,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
                 fitted = fit_adapters(model, tok, request, pert, templates, paths, rep, corpus,
                                       inverse_covariance=inverse_covariance,
                                       negatives_cache=getattr(base_hp, "stats_dir", None),
-                                      lower_blocks=lower_blocks)
+                                      blocks=blocks)
                 health = pathway_health({path: report for path, _, report in fitted})
                 check_health(health, rep, request)
                 reports = {}

@@ -13,7 +13,7 @@ import torch
 from rep_easyedit.core.keys import collect_keys_flat
 from rep_easyedit.core.pathway import get_module
 from rep_easyedit.core.replay import BlockReplay
-from rep_easyedit.rep_main import blocks_below
+from rep_easyedit.rep_main import blocks_to_replay
 
 TEXTS = ["Ferrari F355 is produced by", "The Eiffel Tower is located in the city of",
          "a", "Some longer text about cars, towers, cities and the people who make them all day."]
@@ -25,7 +25,7 @@ def _calls(module) -> tuple[list, object]:
 
 
 def test_replayed_keys_equal_a_full_run_after_a_change_above(tiny_model, tokenizer):
-    replay = BlockReplay([tiny_model.model.layers[0]])
+    replay = BlockReplay(tiny_model.model.layers)
     first = collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.1.mlp.down_proj", all_tokens=True,
                               replay=replay)
     plain = collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.1.mlp.down_proj", all_tokens=True)
@@ -44,10 +44,37 @@ def test_replayed_keys_equal_a_full_run_after_a_change_above(tiny_model, tokeniz
     assert not torch.allclose(rerun.tokens, before.tokens)  # the change above reaches the upper keys
     assert torch.allclose(replayed.tokens, rerun.tokens, rtol=1e-5, atol=1e-6)
     assert "forward" not in vars(tiny_model.model.layers[0])
+    assert replay.replayed == 0  # block 2's output, recorded by the collection at block 3, waits for the next
+    with torch.no_grad():
+        get_module(tiny_model, "model.layers.3.mlp.down_proj").weight.mul_(0.5)  # above block 2: replayable
+    blocks_run, handles = [], []
+    for i in range(3):
+        seen, handle = _calls(tiny_model.model.layers[i].self_attn)
+        blocks_run.append(seen)
+        handles.append(handle)
+    try:
+        third = collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.3.mlp.down_proj", all_tokens=True,
+                                  replay=replay)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [len(seen) > 0 for seen in blocks_run] == [False, False, False]  # blocks 0-2 all replayed
+    assert replay.replayed == 2
+    rerun = collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.3.mlp.down_proj", all_tokens=True)
+    assert torch.allclose(third.tokens, rerun.tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_collects_bottom_up_only(tiny_model, tokenizer):
+    replay = BlockReplay(tiny_model.model.layers)
+    collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.2.mlp.down_proj", all_tokens=True, replay=replay)
+    collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.3.mlp.down_proj", all_tokens=True, replay=replay)
+    with pytest.raises(ValueError, match="bottom-up"):
+        collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.1.mlp.down_proj", all_tokens=True,
+                          replay=replay)
 
 
 def test_replay_refuses_other_texts(tiny_model, tokenizer):
-    replay = BlockReplay([tiny_model.model.layers[0]])
+    replay = BlockReplay(tiny_model.model.layers)
     collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.1.mlp.down_proj", all_tokens=True, replay=replay)
     with pytest.raises(ValueError, match="texts of its first collection"):
         collect_keys_flat(tiny_model, tokenizer, TEXTS[:2], "model.layers.2.mlp.down_proj", replay=replay,
@@ -55,7 +82,7 @@ def test_replay_refuses_other_texts(tiny_model, tokenizer):
 
 
 def test_blocks_come_back_after_a_failed_replay(tiny_model, tokenizer):
-    blocks = [tiny_model.model.layers[0], tiny_model.model.layers[1]]
+    blocks = list(tiny_model.model.layers)
     replay = BlockReplay(blocks)
     collect_keys_flat(tiny_model, tokenizer, TEXTS, "model.layers.2.mlp.down_proj", all_tokens=True, replay=replay)
     failing = get_module(tiny_model, "model.layers.2.self_attn").register_forward_pre_hook(
@@ -76,10 +103,9 @@ class _HP:
     rewrite_module_tmp = "model.layers.{}.mlp.down_proj"
 
 
-def test_blocks_below_only_where_there_is_something_to_replay(tiny_model):
+def test_blocks_to_replay_only_where_there_is_something_to_replay(tiny_model):
     paths = lambda layers: {l: _HP.rewrite_module_tmp.format(l) for l in layers}  # noqa: E731
-    assert blocks_below(tiny_model, _HP, paths([2, 3])) == list(tiny_model.model.layers[:2])
-    assert blocks_below(tiny_model, _HP, paths([2])) is None        # one layer: one collection
-    assert blocks_below(tiny_model, _HP, paths([0, 1])) is None     # nothing below the lowest
+    assert blocks_to_replay(tiny_model, _HP, paths([1, 2])) == list(tiny_model.model.layers[:3])
+    assert blocks_to_replay(tiny_model, _HP, paths([2])) is None        # one layer: one collection
     other = type("HP", (), {"layer_module_tmp": "model.blocks.{}"})
-    assert blocks_below(tiny_model, other, paths([1, 2])) is None   # the edited module is not in it
+    assert blocks_to_replay(tiny_model, other, paths([1, 2])) is None   # the edited module is not in it

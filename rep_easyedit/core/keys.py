@@ -227,8 +227,8 @@ def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: 
 
     positions: one token index per text (keys at it come back as `picked`); all_tokens: also every
     real token's key, concatenated in text order (`tokens`, split by `lengths`). replay: a
-    `replay.BlockReplay` shared by the collections of one edit's layers over the same texts: the
-    first records what the blocks below the lowest edited layer return, the later ones replay it.
+    `replay.BlockReplay` shared by the bottom-up collections of one edit's layers over the same
+    texts: each records what the block below its module returns, the next one starts from there.
     """
     module = get_module(model, module_path)
     enc = encoded if encoded is not None else encode(tok, texts)
@@ -254,7 +254,7 @@ def collect_keys_flat(model: nn.Module, tok, texts: Sequence[str], module_path: 
     mask_dev = enc.attention_mask.to(in_device, non_blocking=True).long()  # as a tokenizer gives it
     batches = length_buckets(enc.lengths.tolist(), token_budget, max_texts)
     if replay is not None:
-        batches = replay.plan(batches, enc.input_ids)
+        batches = replay.plan(batches, enc.input_ids, module)
     for index, batch in enumerate(batches):
         rows = torch.as_tensor(batch, dtype=torch.long)
         width = int(enc.lengths[rows].max())

@@ -623,6 +623,14 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
             (med.get("ROME", {}).get("wall") or 0) + (med.get("REP-ROME", {}).get("rep_stage") or 0)
             if med.get("ROME", {}).get("wall") and med.get("REP-ROME", {}).get("rep_stage") else None,
             med.get("ROME", {}).get("wall")),
+        # the same for MEMIT: the edit-time ratio swings with the backend's own time (the same
+        # computation in both workers), which this one leaves out
+        "REP-MEMIT (MEMIT + REP stage) / MEMIT": ratio(
+            (med.get("MEMIT", {}).get("wall") or 0) + (med.get("REP-MEMIT", {}).get("rep_stage") or 0)
+            if med.get("MEMIT", {}).get("wall") and med.get("REP-MEMIT", {}).get("rep_stage") else None,
+            med.get("MEMIT", {}).get("wall")),
+        "REP-MEMIT REP stage / MEMIT edit time": ratio(med.get("REP-MEMIT", {}).get("rep_stage"),
+                                                      med.get("MEMIT", {}).get("wall")),
     }
     lines = []
     verdicts = {}

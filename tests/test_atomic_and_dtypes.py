@@ -120,7 +120,8 @@ def test_memory_error_inside_key_collection(tiny_model, tokenizer, tmp_path, mon
         finally:
             state["armed"] = False
 
-    mlp = tiny_model.model.layers[0].mlp
+    # block 1's attention runs in the 2nd collection (block 0 is replayed from the 1st, rep.replay_blocks)
+    mlp = tiny_model.model.layers[1].self_attn
     real_forward = mlp.forward
 
     def forward(*args, **kwargs):

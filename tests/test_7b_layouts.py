@@ -56,7 +56,7 @@ def test_yaml_resolves_on_its_architecture(path):
     import rep_easyedit
     from rep_easyedit.core.adapter import GatedLowRankAdapter
     from rep_easyedit.core.pathway import get_module
-    from rep_easyedit.rep_main import edited_module_paths
+    from rep_easyedit.rep_main import blocks_to_replay, edited_module_paths
 
     model = meta_model(path.stem.removesuffix("-paper"))
     hp = rep_easyedit.REPHyperParams.from_hparams(path)
@@ -71,6 +71,12 @@ def test_yaml_resolves_on_its_architecture(path):
         adapter = GatedLowRankAdapter(down.in_features, hp.rep.rank, hp.rep.gate_ratio, hp.rep.tau)
         assert adapter.down.in_features == down.weight.shape[1]
         assert adapter.up.out_features == down.weight.shape[1]
+    # a multi-layer YAML's key collections replay the blocks below (rep.replay_blocks) on this layout
+    blocks = blocks_to_replay(model, hp.backend_hparams(), paths)
+    if len(paths) > 1:
+        assert blocks == [model.model.layers[i] for i in range(max(paths) + 1)]
+    else:
+        assert blocks is None
 
 
 def test_the_default_recipe_yamls_carry_no_per_model_rep_tuning():

@@ -289,8 +289,7 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             # adapters (and, after the update, its weights), which no later edit sees again
             keys = gather_training_keys(model, tok, request, pert, template_groups, path, rep, corpus, rng,
                                         negatives_cache=negatives_cache,
-                                        cache_negatives=not fitted and replay is None, kin=kin,
-                                        replay=replay)
+                                        cache_negatives=not fitted, kin=kin, replay=replay)
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0 + (0.0 if fitted else t_kin)  # sampling the names counts once

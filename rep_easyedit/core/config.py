@@ -41,9 +41,9 @@ class REPConfig:
     # backends (MEMIT, EMMET over several layers) move the keys of the upper edited layers when
     # they update the lower ones; a one-layer edit reads the same keys either way.
     fit_after_update: bool = False
-    # several layers: the first layer's key collection records what the blocks below the lowest
-    # edited layer return, and the layers above replay it instead of re-running them (same keys,
-    # fewer blocks run; core/replay.py); false = every layer's collection runs from the embeddings
+    # several layers: each layer's key collection records what the block below it returns and the
+    # next layer's starts there instead of re-running the blocks below (same keys, fewer blocks
+    # run; core/replay.py); false = every layer's collection runs from the embeddings
     replay_blocks: bool = True
     # lifelong editing: 0 = every edit adds its own adapter per layer (forward cost grows with the
     # number of edits); R > 0 = each layer's adapters, earlier ones included, are merged into one of

@@ -150,6 +150,15 @@ def summarize(rows: list[dict]) -> str:
             vals = [r[kind][w] for r in rows if r[kind].get(w) is not None]
             cells.append(f"{100 * statistics.mean(vals):.1f} ({len(vals)})" if vals else "–")
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "paired over cases: mean Δ in points (cases higher / lower)", "",
+              "| variants | rep − weights | oracle_key − rep | oracle_out − oracle_key |", "|---|---:|---:|---:|"]
+    for kind in KINDS:
+        cells = []
+        for a, b in (("rep", "weights"), ("oracle_key", "rep"), ("oracle_out", "oracle_key")):
+            d = [r[kind][a] - r[kind][b] for r in rows if r[kind].get(a) is not None and r[kind].get(b) is not None]
+            cells.append(f"{100 * statistics.mean(d):+.1f} ({sum(x > 1e-9 for x in d)} / {sum(x < -1e-9 for x in d)})"
+                         if d else "–")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     succ = [r["success"]["rep"] for r in rows]
     lines.append(f"\nsuccess (edit prompt, REP as edited): {100 * statistics.mean(succ):.1f}")
     return "\n".join(lines)

@@ -98,7 +98,7 @@ def probe_case(model, tok, record: dict, hp, corpus, scoring: str) -> dict:
     from rep_easyedit.core.perturbations import build_perturbations, with_subject
     from rep_easyedit.editing import edited
     from rep_easyedit.eval.runner import edit_request, perturbation_settings
-    from probe_locality import pathway_off  # benchmarks/lab is on sys.path (main)
+    from probe_locality import pathway_off  # a sibling: run as a script, benchmarks/lab is sys.path[0]
 
     settings = dict(perturbation_settings(hp))
     settings.pop("corpus", None)
@@ -165,8 +165,6 @@ def summarize(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="data/zsre_dev.json")
@@ -182,7 +180,6 @@ def main(argv=None) -> None:
     if args.summarize:
         print(summarize(rows))
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from rep_easyedit.corpus import load_corpus
     from rep_easyedit.editing import load_hparams
     from rep_easyedit.eval.datasets import load_records

@@ -63,20 +63,24 @@ def replaced_rows(module, rows: dict[int, torch.Tensor], where: str):
         handle.remove()
 
 
-def captured(model, tok, text: str, module, where: str) -> torch.Tensor:
-    """(tokens, dim) input or output of `module` for one text."""
-    seen = []
-    if where == "input":
-        h = module.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].detach().clone()))
-    else:
-        h = module.register_forward_hook(
-            lambda m, args, out: seen.append((out[0] if isinstance(out, tuple) else out)[0].detach().clone()))
+def captured(model, tok, text: str, key_module, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, dim) input of `key_module` and output of `block` for one text, from one forward."""
+    seen = {}
+
+    def keep_key(module, args):  # returns None: the input goes on unchanged
+        seen["key"] = args[0][0].detach().clone()
+
+    def keep_out(module, args, out):
+        seen["out"] = (out[0] if isinstance(out, tuple) else out)[0].detach().clone()
+
+    hooks = [key_module.register_forward_pre_hook(keep_key), block.register_forward_hook(keep_out)]
     try:
         with torch.no_grad():
             model(**tok(text, return_tensors="pt"))
     finally:
-        h.remove()
-    return seen[0]
+        for h in hooks:
+            h.remove()
+    return seen["key"], seen["out"]
 
 
 def subject_span(tok, text: str, start: int, end: int) -> list[int]:
@@ -115,9 +119,8 @@ def probe_case(model, tok, record: dict, hp, corpus, scoring: str) -> dict:
         with pathway_off(model):
             own_last = subject_last_index(tok, prompt, start + len(subject))
             own_span = subject_span(tok, prompt, start, start + len(subject))
-            own_key = captured(model, tok, prompt, key_module, "input")
-            own_out = captured(model, tok, prompt, block, "output")
-            row["success"] = {w: score_one(model, tok, prompt, target, scoring) for w in ("weights",)}
+            own_key, own_out = captured(model, tok, prompt, key_module, block)
+            row["success"] = {"weights": score_one(model, tok, prompt, target, scoring)}
         row["success"]["rep"] = score_one(model, tok, prompt, target, scoring)
         for kind in KINDS:
             scores = {w: [] for w in WAYS}

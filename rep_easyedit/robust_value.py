@@ -63,12 +63,16 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
     with padding_side(tok, "right"):
         enc = tok(texts, return_tensors="pt", padding=True).to(device)
     n_rw = len(rewriting)
-    labels = torch.full(enc["input_ids"].shape, -100, device=device)
-    lengths = enc["attention_mask"].sum(1)
-    tgt = torch.tensor(target_ids, device=device)
-    for i in range(n_rw):
-        end = int(lengths[i])
-        labels[i, end - len(target_ids):end] = tgt  # logits at p predict token p+1
+    n_t = len(target_ids)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    # the only logits the loss reads: at p, predicting token p+1, over each prompt's target tokens
+    # (ROME's convention), and at the KL prompt's subject token. The LM head runs on these rows alone:
+    # on Gemma-3 the 262k-token head is most of a step's arithmetic, on SmolLM2 about a fifth.
+    scored_rows = [i for i in range(n_rw) for _ in range(n_t)] + [n_rw]
+    scored_pos = [int(lengths[i]) - n_t + j for i in range(n_rw) for j in range(n_t)] + [lookup[n_rw]]
+    scored_rows = torch.tensor(scored_rows, device=device)
+    scored_pos = torch.tensor(scored_pos, device=device)
+    gold = torch.tensor(target_ids, device=device).repeat(n_rw)
 
     mlp = get_module(model, hparams.mlp_module_tmp.format(layer))
     hidden = model.config.hidden_size
@@ -85,24 +89,27 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
         shifted[rows, idx] = (out[rows, idx].float() + delta).to(out.dtype)
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
+    def scored_only(_module, args):
+        return (args[0][scored_rows, scored_pos].unsqueeze(0), *args[1:])
+
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     kl_init = None
-    handle = mlp.register_forward_hook(add_delta)
+    head = model.get_output_embeddings()
+    handles = [mlp.register_forward_hook(add_delta)]
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(scored_only))
     try:
         for step in range(hparams.v_num_grad_steps):
             opt.zero_grad()
-            logits = model(**enc).logits.float()
-            # labels sit where the logits that predict them are (ROME's convention)
-            log_probs = torch.log_softmax(logits[:n_rw], dim=-1)
-            gold = labels[:n_rw]
-            mask = gold != -100
-            picked = torch.gather(log_probs, 2, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            nll = -(picked * mask).sum(1) / len(target_ids)
-            nll = nll.mean()
-            kl_logp = torch.log_softmax(logits[n_rw:, :][torch.arange(1, device=device), idx[n_rw:]], dim=-1)
+            logits = model(**enc).logits
+            logits = logits[0] if logits.shape[0] == 1 and head is not None else logits[scored_rows, scored_pos]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            picked = log_probs[torch.arange(n_rw * n_t, device=device), gold]
+            nll = -picked.sum() / (n_t * n_rw)
+            kl_logp = log_probs[-1:]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
@@ -117,7 +124,8 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
                 with torch.no_grad():
                     delta.mul_(max_norm / delta.norm())
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
     target_vec = state["init"] + delta.detach()
@@ -140,12 +148,18 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
 @contextlib.contextmanager
 def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_templates: int = 3
                              ) -> Iterator[bool]:
-    """Swap the backend module's `compute_v` for `optimise_value` over the variants; yields
-    whether the backend has a swappable `compute_v` (ROME-style backends do)."""
+    """Swap ROME's `compute_v` for `optimise_value` over the variants, wherever the backend reads it:
+    the backend's own module (EasyEdit's ROME binds it at import) and the installed ROME's
+    `compute_v` module (R-ROME and EMMET here look it up there at call time). Yields whether any
+    was swapped (MEMIT's `compute_z` is not: the option leaves MEMIT as it is)."""
+    from .backends_extra.common import easyedit_module
+
     fn = getattr(backend_apply, "__rep_easyedit_original__", backend_apply)
-    module = importlib.import_module(fn.__module__)
-    original = getattr(module, "compute_v", None)
-    if original is None:
+    modules = [importlib.import_module(fn.__module__)]
+    if fn.__module__.startswith("rep_easyedit.backends_extra"):
+        modules.append(easyedit_module("models.rome.compute_v"))
+    modules = [m for m in dict.fromkeys(modules) if getattr(m, "compute_v", None) is not None]
+    if not modules:
         yield False
         return
 
@@ -155,8 +169,11 @@ def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_t
         return optimise_value(model, tok, request, hparams, layer, left_vector, context_templates,
                               variants, variant_templates)
 
-    module.compute_v = compute_v
+    originals = [(m, m.compute_v) for m in modules]
+    for m, _ in originals:
+        m.compute_v = compute_v
     try:
         yield True
     finally:
-        module.compute_v = original
+        for m, original in originals:
+            m.compute_v = original

@@ -2,6 +2,7 @@
 
 import importlib
 
+import pytest
 import torch
 
 from rep_easyedit.compat.easyedit import installed_algorithm, shims_applied
@@ -31,3 +32,36 @@ def test_variants_change_the_value(tiny_model, tokenizer, tmp_path):
     robust = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"],
                             variants=["The F355", "F355 by Ferrari"])
     assert torch.isfinite(robust).all() and not torch.allclose(plain, robust)
+
+
+@pytest.mark.parametrize("alg", ["REP-ROME", "REP-R-ROME", "REP-EMMET"])
+def test_option_reaches_every_rome_style_backend(alg, tiny_model, tokenizer, tmp_path, monkeypatch):
+    """`rep.value_on_variants` fits v* over the variants in each backend that uses ROME's value
+    (R-ROME and EMMET read `compute_v` at call time), and gives every `compute_v` back afterwards."""
+    import rep_easyedit.robust_value as robust_value
+    from conftest import tiny_hparams_dict
+    from rep_easyedit import REPHyperParams, apply_rep_to_model
+    from rep_easyedit.backends_extra.common import easyedit_module
+    from rep_easyedit.covariance import build_stats
+
+    tiny_model.config._name_or_path = f"tiny-llama-value-{alg}"
+    raw = tiny_hparams_dict(alg, tmp_path, model_name="tiny", layers=[1], lm_head_module="lm_head",
+                            mom2_n_samples=1000, v_num_grad_steps=3, rep_value_on_variants=True,
+                            rep_value_variant_templates=1)
+    hp = REPHyperParams.from_dict(raw)
+    build_stats(tiny_model, tokenizer, hp, [1], [f"Some text {i} about cars and towns." for i in range(24)],
+                progress=False)
+    seen = []
+    original = robust_value.optimise_value
+
+    def spy(*args, **kwargs):
+        seen.append(list(args[7]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(robust_value, "optimise_value", spy)
+    rome_v = easyedit_module("models.rome.compute_v")
+    before = rome_v.compute_v
+    req = dict(REQ, ground_truth="Ferrari")
+    apply_rep_to_model(tiny_model, tokenizer, [req], hp, keep_original_weight=True)
+    assert seen and all(seen) and "The F355" in seen[0]
+    assert rome_v.compute_v is before

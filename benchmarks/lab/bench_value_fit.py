@@ -14,7 +14,7 @@ context templates and hyperparameters:
 Both fits stop early once their loss is below 0.05, so a fit over more prompts may also run more
 steps; the times are whole calls, as an edit pays them. The pathway is not installed (it changes
 which keys the variants have, not the arithmetic). Prints medians and ratios to `rome`; `--out`
-keeps the JSON.
+keeps the JSON, rewritten after every case, and a rerun skips the cases it holds (resumable).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lab/bench_value_fit.py --limit 5 \
         --out benchmarks/results/value_fit_cost/smollm2.json
@@ -63,10 +63,14 @@ def main(argv=None) -> None:
     layer = int(list(base.layers)[0])
     records = load_records(ROOT / args.data, metrics=("success", "rephrase", "shuffle"))[:args.limit]
 
-    rows = []
+    out = Path(args.out) if args.out else None
+    rows = json.loads(out.read_text())["rows"] if out and out.exists() else []
+    done = {r["case_id"] for r in rows}
     with shims_applied():
         templates = rome_main.get_context_templates(model, tok, base.context_template_length_params)
         for record in records:
+            if record["case_id"] in done:
+                continue
             pert = build_perturbations(record, tok, list(corpus), **settings)
             variants = [v for v in dict.fromkeys(pert.rephrase_in + pert.shuffle_in) if v != record["subject"]]
             # as ROME's `execute_rome` hands it to `compute_v`: the target with a leading space
@@ -93,16 +97,19 @@ def main(argv=None) -> None:
                                                        / vecs["rome"].norm())
             rows.append(row)
             print(json.dumps(row), flush=True)
+            summary = summarized(rows, args, len(templates))
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(summary, indent=1) + "\n")
+    summary = summarized(rows, args, len(templates))
+    print(json.dumps({k: summary[k] for k in ("median_seconds", "ratios")}, indent=1))
 
+
+def summarized(rows: list[dict], args, templates: int) -> dict:
     med = {w: statistics.median(r["seconds"][w] for r in rows) for w in WAYS}
     ratios = {f"{w} / rome": med[w] / med["rome"] for w in WAYS[1:]}
-    prompts = len(templates)
-    summary = {"model": args.model, "data": args.data, "cases": len(rows), "templates": prompts,
-               "threads": torch.get_num_threads(), "median_seconds": med, "ratios": ratios, "rows": rows}
-    print(json.dumps({k: summary[k] for k in ("median_seconds", "ratios")}, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    return {"model": args.model, "data": args.data, "cases": len(rows), "templates": templates,
+            "threads": torch.get_num_threads(), "median_seconds": med, "ratios": ratios, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ optimised over the backend's prompts *and* the in-domain variant prompts, each w
 its own subject's last token. The result has ROME's form, so ROME's update equation is unchanged:
 right_vector = (v* − W k) / (kᵀu) with k, W k taken at the unprefixed prompt.
 
-`value_fitted_on_variants(...)` swaps the backend module's `compute_v` for the block.
+MEMIT's z (its `compute_z`: the same optimisation with δ added to the residual stream after the
+last edited block) is fitted the same way (`optimise_target`); MEMIT then spreads it over its
+layers as usual. `value_fitted_on_variants(...)` swaps them in for the block.
+
+The LM head runs only at the positions the loss reads (each prompt's target tokens and the KL
+prompt's subject token), not at every position as ROME's and MEMIT's own code does.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ def _fill(template: str, text: str) -> str:
     return template.replace("{}", text)
 
 
-def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
-                   context_templates: Sequence[str], variants: Sequence[str],
-                   variant_templates: int = 3) -> torch.Tensor:
-    """ROME's right vector, with v* fitted over the edit prompt and the variant prompts."""
+def fit_shift(model, tok, request: dict, hparams, module_path: str, context_templates: Sequence[str],
+              variants: Sequence[str], variant_templates: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output at the subject's last token of the unprefixed prompt, the shift δ): ROME's `compute_v`
+    and MEMIT's `compute_z` optimisation (δ added to `module_path`'s output at each prompt's subject
+    token), over the edit prompt in every context template and each variant in the first
+    `variant_templates` of them. The loss reads the model's own logits (the YAMLs' `v_loss_layer` is
+    the last layer, where ROME and MEMIT read theirs)."""
     device = model_device(model)
     prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
         request["prompt"].replace(request["subject"], "{}", 1)
@@ -74,7 +82,7 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
     scored_pos = torch.tensor(scored_pos, device=device)
     gold = torch.tensor(target_ids, device=device).repeat(n_rw)
 
-    mlp = get_module(model, hparams.mlp_module_tmp.format(layer))
+    mlp = get_module(model, module_path)
     hidden = model.config.hidden_size
     delta = torch.zeros(hidden, device=device, dtype=torch.float32, requires_grad=True)
     rows = torch.arange(len(texts), device=device)
@@ -128,7 +136,20 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
             handle.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-    target_vec = state["init"] + delta.detach()
+    return state["init"], delta.detach()
+
+
+def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
+                   context_templates: Sequence[str], variants: Sequence[str],
+                   variant_templates: int = 3) -> torch.Tensor:
+    """ROME's right vector (`compute_v`'s result), with v* fitted over the variant prompts too."""
+    device = model_device(model)
+    init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
+                            context_templates, variants, variant_templates)
+    target_vec = init + delta
+    prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
+        request["prompt"].replace(request["subject"], "{}", 1)
+    subject = request["subject"]
 
     # the key and MLP output at the unprefixed prompt, as ROME takes them
     plain = _fill(prompt_tpl, subject)
@@ -145,35 +166,49 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
     return (target_vec - box["v"]) / torch.dot(box["k"], left_vector.float())
 
 
+def optimise_target(model, tok, request: dict, hparams, layer: int, context_templates,
+                    variants: Sequence[str], variant_templates: int = 3) -> torch.Tensor:
+    """MEMIT's z (`compute_z`'s result: the residual stream after block `layer` at the subject's last
+    token, shifted), with the shift fitted over the variant prompts too."""
+    flat = [t for group in context_templates for t in ([group] if isinstance(group, str) else group)]
+    init, delta = fit_shift(model, tok, request, hparams, hparams.layer_module_tmp.format(layer), flat,
+                            variants, variant_templates)
+    return init + delta
+
+
 @contextlib.contextmanager
 def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_templates: int = 3
                              ) -> Iterator[bool]:
-    """Swap ROME's `compute_v` for `optimise_value` over the variants, wherever the backend reads it:
-    the backend's own module (EasyEdit's ROME binds it at import) and the installed ROME's
-    `compute_v` module (R-ROME and EMMET here look it up there at call time). Yields whether any
-    was swapped (MEMIT's `compute_z` is not: the option leaves MEMIT as it is)."""
+    """Swap ROME's `compute_v` and MEMIT's `compute_z` for their variant-aware fits, wherever the
+    backend reads them: the backend's own module (EasyEdit's ROME and MEMIT bind them at import)
+    and the installed ROME's `compute_v` module (R-ROME and EMMET here look it up there at call
+    time). Yields whether any was swapped; every one is given back on exit."""
     from .backends_extra.common import easyedit_module
 
     fn = getattr(backend_apply, "__rep_easyedit_original__", backend_apply)
     modules = [importlib.import_module(fn.__module__)]
     if fn.__module__.startswith("rep_easyedit.backends_extra"):
         modules.append(easyedit_module("models.rome.compute_v"))
-    modules = [m for m in dict.fromkeys(modules) if getattr(m, "compute_v", None) is not None]
-    if not modules:
-        yield False
-        return
+
+    def variants_of(request):
+        prompt = request["prompt"]
+        filled = prompt.replace("{}", request["subject"]) if "{}" in prompt else prompt
+        return variants_of_request.get((filled, request["subject"]), [])
 
     def compute_v(model, tok, request, hparams, layer, left_vector, context_templates, *a, **kw):
-        key = (request["prompt"].replace("{}", request["subject"]), request["subject"])
-        variants = variants_of_request.get(key, [])
         return optimise_value(model, tok, request, hparams, layer, left_vector, context_templates,
-                              variants, variant_templates)
+                              variants_of(request), variant_templates)
 
-    originals = [(m, m.compute_v) for m in modules]
-    for m, _ in originals:
-        m.compute_v = compute_v
+    def compute_z(model, tok, request, hparams, layer, context_templates, *a, **kw):
+        return optimise_target(model, tok, request, hparams, layer, context_templates,
+                               variants_of(request), variant_templates)
+
+    swaps = [(m, name, getattr(m, name)) for m in dict.fromkeys(modules)
+             for name in ("compute_v", "compute_z") if getattr(m, name, None) is not None]
+    for m, name, _ in swaps:
+        setattr(m, name, compute_v if name == "compute_v" else compute_z)
     try:
-        yield True
+        yield bool(swaps)
     finally:
-        for m, original in originals:
-            m.compute_v = original
+        for m, name, original in swaps:
+            setattr(m, name, original)

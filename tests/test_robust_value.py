@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rep_easyedit.compat.easyedit import installed_algorithm, shims_applied
-from rep_easyedit.robust_value import optimise_value
+from rep_easyedit.robust_value import optimise_target, optimise_value
 
 from test_rep_edit_tiny import REQ, tiny_hparams
 
@@ -24,6 +24,24 @@ def test_matches_rome_compute_v_without_variants(tiny_model, tokenizer, tmp_path
     assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
+def test_matches_memit_compute_z_without_variants(tiny_model, tokenizer, tmp_path):
+    from conftest import tiny_hparams_dict
+    from rep_easyedit.editing import load_hparams
+    import yaml
+
+    path = tmp_path / "memit.yaml"
+    path.write_text(yaml.safe_dump(tiny_hparams_dict("MEMIT", tmp_path, model_name="tiny", layers=[1, 2],
+                                                     lm_head_module="lm_head", v_num_grad_steps=5)))
+    hp = load_hparams(path)
+    memit = importlib.import_module(installed_algorithm("MEMIT").__module__)
+    request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW"}
+    templates = [["{}"], ["Hello there. {}", "In a word. {}"]]
+    with shims_applied():
+        theirs = memit.compute_z(tiny_model, tokenizer, dict(request), hp, 2, templates)
+    ours = optimise_target(tiny_model, tokenizer, dict(request), hp, 2, templates, variants=[])
+    assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+
+
 def test_variants_change_the_value(tiny_model, tokenizer, tmp_path):
     hp = tiny_hparams(tmp_path, v_num_grad_steps=5).backend_hparams()
     request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW"}
@@ -34,10 +52,10 @@ def test_variants_change_the_value(tiny_model, tokenizer, tmp_path):
     assert torch.isfinite(robust).all() and not torch.allclose(plain, robust)
 
 
-@pytest.mark.parametrize("alg", ["REP-ROME", "REP-R-ROME", "REP-EMMET"])
-def test_option_reaches_every_rome_style_backend(alg, tiny_model, tokenizer, tmp_path, monkeypatch):
-    """`rep.value_on_variants` fits v* over the variants in each backend that uses ROME's value
-    (R-ROME and EMMET read `compute_v` at call time), and gives every `compute_v` back afterwards."""
+@pytest.mark.parametrize("alg", ["REP-ROME", "REP-R-ROME", "REP-EMMET", "REP-MEMIT"])
+def test_option_reaches_every_backend(alg, tiny_model, tokenizer, tmp_path, monkeypatch):
+    """`rep.value_on_variants` fits the value over the variants in every backend (R-ROME and EMMET
+    read ROME's `compute_v` at call time, MEMIT its `compute_z`) and gives each back afterwards."""
     import rep_easyedit.robust_value as robust_value
     from conftest import tiny_hparams_dict
     from rep_easyedit import REPHyperParams, apply_rep_to_model
@@ -47,21 +65,22 @@ def test_option_reaches_every_rome_style_backend(alg, tiny_model, tokenizer, tmp
     tiny_model.config._name_or_path = f"tiny-llama-value-{alg}"
     raw = tiny_hparams_dict(alg, tmp_path, model_name="tiny", layers=[1], lm_head_module="lm_head",
                             mom2_n_samples=1000, v_num_grad_steps=3, rep_value_on_variants=True,
-                            rep_value_variant_templates=1)
+                            rep_value_variant_templates=1, rep_fit_after_update=False)
     hp = REPHyperParams.from_dict(raw)
     build_stats(tiny_model, tokenizer, hp, [1], [f"Some text {i} about cars and towns." for i in range(24)],
                 progress=False)
     seen = []
-    original = robust_value.optimise_value
+    original = robust_value.fit_shift
 
     def spy(*args, **kwargs):
-        seen.append(list(args[7]))
+        seen.append(list(args[6]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(robust_value, "optimise_value", spy)
+    monkeypatch.setattr(robust_value, "fit_shift", spy)
     rome_v = easyedit_module("models.rome.compute_v")
-    before = rome_v.compute_v
+    memit_main = importlib.import_module(installed_algorithm("MEMIT").__module__)
+    before = rome_v.compute_v, memit_main.compute_z
     req = dict(REQ, ground_truth="Ferrari")
     apply_rep_to_model(tiny_model, tokenizer, [req], hp, keep_original_weight=True)
     assert seen and all(seen) and "The F355" in seen[0]
-    assert rome_v.compute_v is before
+    assert (rome_v.compute_v, memit_main.compute_z) == before

@@ -82,7 +82,7 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
     scored_pos = torch.tensor(scored_pos, device=device)
     gold = torch.tensor(target_ids, device=device).repeat(n_rw)
 
-    mlp = get_module(model, module_path)
+    shifted_module = get_module(model, module_path)
     hidden = model.config.hidden_size
     delta = torch.zeros(hidden, device=device, dtype=torch.float32, requires_grad=True)
     rows = torch.arange(len(texts), device=device)
@@ -106,7 +106,7 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
         p.requires_grad_(False)
     kl_init = None
     head = model.get_output_embeddings()
-    handles = [mlp.register_forward_hook(add_delta)]
+    handles = [shifted_module.register_forward_hook(add_delta)]
     if head is not None:
         handles.append(head.register_forward_pre_hook(scored_only))
     try:

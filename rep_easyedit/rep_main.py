@@ -337,7 +337,8 @@ def _value_fit(backend, requests: list[dict], rep):
         pert = Perturbations(**request["rep"]["perturbations"])
         trained = [v for v in training_variants(request, pert, rep.train_on) if v != request["subject"]]
         variants[(_prompt_filled(request), request["subject"])] = trained
-    return value_fitted_on_variants(backend.apply, variants, rep.value_variant_templates)
+    return value_fitted_on_variants(backend.apply, variants, rep.value_variant_templates,
+                                    rep.value_variant_weight)
 
 
 def _param_names(model, params) -> dict[int, str]:

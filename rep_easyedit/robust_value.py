@@ -36,12 +36,14 @@ def _fill(template: str, text: str) -> str:
 
 
 def fit_shift(model, tok, request: dict, hparams, module_path: str, context_templates: Sequence[str],
-              variants: Sequence[str], variant_templates: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+              variants: Sequence[str], variant_templates: int = 3, variant_weight: float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output at the subject's last token of the unprefixed prompt, the shift δ): ROME's `compute_v`
     and MEMIT's `compute_z` optimisation (δ added to `module_path`'s output at each prompt's subject
     token), over the edit prompt in every context template and each variant in the first
-    `variant_templates` of them. The loss reads the model's own logits (the YAMLs' `v_loss_layer` is
-    the last layer, where ROME and MEMIT read theirs)."""
+    `variant_templates` of them, a variant prompt's NLL weighted `variant_weight` against an edit
+    prompt's 1 (1: the plain mean over prompts, as ROME). The loss reads the model's own logits (the
+    YAMLs' `v_loss_layer` is the last layer, where ROME and MEMIT read theirs)."""
     device = model_device(model)
     prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
         request["prompt"].replace(request["subject"], "{}", 1)
@@ -81,6 +83,9 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
     scored_rows = torch.tensor(scored_rows, device=device)
     scored_pos = torch.tensor(scored_pos, device=device)
     gold = torch.tensor(target_ids, device=device).repeat(n_rw)
+    n_edit = len(context_templates)
+    weight = torch.tensor([1.0] * n_edit + [float(variant_weight)] * (n_rw - n_edit), device=device)
+    weight = (weight / weight.sum()).repeat_interleave(n_t) / n_t
 
     shifted_module = get_module(model, module_path)
     hidden = model.config.hidden_size
@@ -116,7 +121,7 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
             logits = logits[0] if logits.shape[0] == 1 and head is not None else logits[scored_rows, scored_pos]
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             picked = log_probs[torch.arange(n_rw * n_t, device=device), gold]
-            nll = -picked.sum() / (n_t * n_rw)
+            nll = -(picked * weight).sum()
             kl_logp = log_probs[-1:]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
@@ -141,11 +146,11 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
 
 def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
                    context_templates: Sequence[str], variants: Sequence[str],
-                   variant_templates: int = 3) -> torch.Tensor:
+                   variant_templates: int = 3, variant_weight: float = 1.0) -> torch.Tensor:
     """ROME's right vector (`compute_v`'s result), with v* fitted over the variant prompts too."""
     device = model_device(model)
     init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
-                            context_templates, variants, variant_templates)
+                            context_templates, variants, variant_templates, variant_weight)
     target_vec = init + delta
     prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
         request["prompt"].replace(request["subject"], "{}", 1)
@@ -167,18 +172,19 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
 
 
 def optimise_target(model, tok, request: dict, hparams, layer: int, context_templates,
-                    variants: Sequence[str], variant_templates: int = 3) -> torch.Tensor:
+                    variants: Sequence[str], variant_templates: int = 3, variant_weight: float = 1.0
+                    ) -> torch.Tensor:
     """MEMIT's z (`compute_z`'s result: the residual stream after block `layer` at the subject's last
     token, shifted), with the shift fitted over the variant prompts too."""
     flat = [t for group in context_templates for t in ([group] if isinstance(group, str) else group)]
     init, delta = fit_shift(model, tok, request, hparams, hparams.layer_module_tmp.format(layer), flat,
-                            variants, variant_templates)
+                            variants, variant_templates, variant_weight)
     return init + delta
 
 
 @contextlib.contextmanager
-def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_templates: int = 3
-                             ) -> Iterator[bool]:
+def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_templates: int = 3,
+                             variant_weight: float = 1.0) -> Iterator[bool]:
     """Swap ROME's `compute_v` and MEMIT's `compute_z` for their variant-aware fits, wherever the
     backend reads them: the backend's own module (EasyEdit's ROME and MEMIT bind them at import)
     and the installed ROME's `compute_v` module (R-ROME and EMMET here look it up there at call
@@ -197,11 +203,11 @@ def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_t
 
     def compute_v(model, tok, request, hparams, layer, left_vector, context_templates, *a, **kw):
         return optimise_value(model, tok, request, hparams, layer, left_vector, context_templates,
-                              variants_of(request), variant_templates)
+                              variants_of(request), variant_templates, variant_weight)
 
     def compute_z(model, tok, request, hparams, layer, context_templates, *a, **kw):
         return optimise_target(model, tok, request, hparams, layer, context_templates,
-                               variants_of(request), variant_templates)
+                               variants_of(request), variant_templates, variant_weight)
 
     swaps = [(m, name, getattr(m, name)) for m in dict.fromkeys(modules)
              for name in ("compute_v", "compute_z") if getattr(m, name, None) is not None]

@@ -84,3 +84,17 @@ def test_option_reaches_every_backend(alg, tiny_model, tokenizer, tmp_path, monk
     apply_rep_to_model(tiny_model, tokenizer, [req], hp, keep_original_weight=True)
     assert seen and all(seen) and "The F355" in seen[0]
     assert (rome_v.compute_v, memit_main.compute_z) == before
+
+
+def test_variant_weight_counts_a_prompt_as_repeated(tiny_model, tokenizer, tmp_path):
+    """`rep.value_variant_weight: 2` fits the value as if each variant prompt were there twice."""
+    hp = tiny_hparams(tmp_path, v_num_grad_steps=4).backend_hparams()
+    request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW"}
+    left = torch.ones(tiny_model.config.intermediate_size) / tiny_model.config.intermediate_size ** 0.5
+    templates = ["{}", "Hello there. {}"]
+    weighted = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates, ["The F355"], 1, 2.0)
+    repeated = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates,
+                              ["The F355", "The F355"], 1)
+    plain = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates, ["The F355"], 1)
+    assert torch.allclose(weighted, repeated, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(weighted, plain, rtol=1e-3, atol=1e-4)

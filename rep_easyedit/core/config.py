@@ -82,6 +82,7 @@ class REPConfig:
     # (ROME-style backends with a `compute_v`); see rep_easyedit/robust_value.py
     value_on_variants: bool = False
     value_variant_templates: int = 3   # context templates per variant in that fit
+    value_variant_weight: float = 1.0  # a variant prompt's weight in that fit's NLL (an edit prompt's: 1)
     # perturbations
     n_shuffles: int = 10
     n_long_contexts: int = 4
@@ -114,6 +115,9 @@ class REPConfig:
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
         if self.partial_negatives < -1:
             raise ValueError(f"rep.partial_negatives: -1 (off), 0 (prefixes only) or more, got {self.partial_negatives}")
+        if self.value_variant_weight <= 0 or self.value_variant_templates < 1:
+            raise ValueError("rep.value_variant_weight must be > 0 and rep.value_variant_templates >= 1, got "
+                             f"{self.value_variant_weight} and {self.value_variant_templates}")
         if self.negative_delta_weight < 0:
             raise ValueError(f"rep.negative_delta_weight must be >= 0, got {self.negative_delta_weight}")
         if not 0.0 <= self.screen_negatives < 0.5:

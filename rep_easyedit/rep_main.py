@@ -247,14 +247,17 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
                         hard_negatives=hard)
 
 
-def request_kin_names(model, tok, request: dict, pert: Perturbations, rep) -> list[str]:
-    """`rep.kin_negatives` names of the subject's kind, from the model (none when off); one draw per request."""
-    if rep.kin_negatives <= 0:
+def request_kin_names(model, tok, request: dict, pert: Perturbations, rep, count: int | None = None,
+                      stream: int = 3) -> list[str]:
+    """`count` (default `rep.kin_negatives`) names of the subject's kind, from the model (none when 0);
+    one draw per request, from the case's seed plus `stream`."""
+    count = rep.kin_negatives if count is None else count
+    if count <= 0:
         return []
     truth = request.get("ground_truth")
     truth = truth if isinstance(truth, str) and truth.strip() and truth != "<|endoftext|>" else None
-    return kin_names(model, tok, _prompt_filled(request), request["subject"], truth, rep.kin_negatives,
-                     seed=pert.seed + 3, exclude=training_variants(request, pert, rep.train_on))
+    return kin_names(model, tok, _prompt_filled(request), request["subject"], truth, count,
+                     seed=pert.seed + stream, exclude=training_variants(request, pert, rep.train_on))
 
 
 def _model_name(model) -> str:
@@ -326,19 +329,24 @@ def _inverse_covariances(model, base_hp, paths: dict[int, str], rep) -> dict[int
     return {layer: load_inverse_covariance(model, base_hp, layer) for layer in paths}
 
 
-def _value_fit(backend, requests: list[dict], rep):
-    """`rep.value_on_variants`: the backend's v* is fitted over the trained variants too."""
+def _value_fit(backend, model, tok, requests: list[dict], rep):
+    """`rep.value_on_variants`: the backend's v* is fitted over the trained variants too, and with
+    `rep.value_anchors` over that many names of the subject's kind as neighbours to leave alone."""
     if not rep.value_on_variants:
         return contextlib.nullcontext()
-    from .robust_value import value_fitted_on_variants
+    from .robust_value import VariantFit, value_fitted_on_variants
 
-    variants = {}
+    fits = {}
     for request in requests:
         pert = Perturbations(**request["rep"]["perturbations"])
         trained = [v for v in training_variants(request, pert, rep.train_on) if v != request["subject"]]
-        variants[(_prompt_filled(request), request["subject"])] = trained
-    return value_fitted_on_variants(backend.apply, variants, rep.value_variant_templates,
-                                    rep.value_variant_weight)
+        anchors = request_kin_names(model, tok, request, pert, rep, count=rep.value_anchors, stream=5)
+        if anchors:
+            request["rep"]["value_anchors"] = list(anchors)
+        fits[(_prompt_filled(request), request["subject"])] = VariantFit(
+            tuple(trained), rep.value_variant_templates, rep.value_variant_weight, tuple(anchors),
+            rep.value_anchor_weight)
+    return value_fitted_on_variants(backend.apply, fits)
 
 
 def _param_names(model, params) -> dict[int, str]:
@@ -437,7 +445,7 @@ def apply_rep_to_model(model, tok, requests, hparams: REPHyperParams, copy: bool
 
             def run_backend():
                 base_requests = [{k: v for k, v in r.items() if k != "rep"} for r in requests]
-                with _value_fit(backend, requests, rep):
+                with _value_fit(backend, model, tok, requests, rep):
                     return backend.apply(model, tok, base_requests, base_hp, copy=False,
                                          return_orig_weights=True, keep_original_weight=True, **kwargs)[0]
 

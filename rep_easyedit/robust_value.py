@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,45 @@ def _fill(template: str, text: str) -> str:
     return template.replace("{}", text)
 
 
+@dataclass(frozen=True)
+class VariantFit:
+    """What one request's value fit reads beyond the backend's own prompts.
+
+    `variants`: the trained surface forms, each in the first `templates` context templates, a
+    variant prompt's NLL weighted `weight` against an edit prompt's 1. `anchors`: names of other
+    subjects (ROME only): each fills the edit prompt and receives the shift the rank-one update will
+    give its key, `δ · uᵀk_n / uᵀk*`, and the KL of its next-token distribution from the unedited
+    one enters the loss with `anchor_weight`, so the fit sees what the edit does to neighbours."""
+    variants: Tuple[str, ...] = ()
+    templates: int = 3
+    weight: float = 1.0
+    anchors: Tuple[str, ...] = ()
+    anchor_weight: float = 1.0
+
+
+def _subject_keys(model, tok, texts: list[str], ends: list[int], module) -> torch.Tensor:
+    """(len(texts), dim) float32: `module`'s input at each text's last subject token (no grad)."""
+    device = model_device(model)
+    pos = [subject_last_index(tok, t, e) for t, e in zip(texts, ends)]
+    box = {}
+    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0].detach()))
+    try:
+        with torch.no_grad(), padding_side(tok, "right"):
+            model(**tok(texts, return_tensors="pt", padding=True).to(device))
+    finally:
+        handle.remove()
+    return box["k"][torch.arange(len(texts), device=device), torch.tensor(pos, device=device)].float()
+
+
 def fit_shift(model, tok, request: dict, hparams, module_path: str, context_templates: Sequence[str],
-              variants: Sequence[str], variant_templates: int = 3, variant_weight: float = 1.0
+              fit: VariantFit = VariantFit(), anchor_scales: Sequence[float] = ()
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output at the subject's last token of the unprefixed prompt, the shift δ): ROME's `compute_v`
     and MEMIT's `compute_z` optimisation (δ added to `module_path`'s output at each prompt's subject
-    token), over the edit prompt in every context template and each variant in the first
-    `variant_templates` of them, a variant prompt's NLL weighted `variant_weight` against an edit
-    prompt's 1 (1: the plain mean over prompts, as ROME). The loss reads the model's own logits (the
-    YAMLs' `v_loss_layer` is the last layer, where ROME and MEMIT read theirs)."""
+    token), over the edit prompt in every context template and the variant prompts of `fit`
+    (1 template and no variants: ROME's own). Anchor `n` (with `anchor_scales[n]`) gets
+    `δ · anchor_scales[n]` at its subject token. The loss reads the model's own logits (the YAMLs'
+    `v_loss_layer` is the last layer, where ROME and MEMIT read theirs)."""
     device = model_device(model)
     prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
         request["prompt"].replace(request["subject"], "{}", 1)
@@ -53,38 +84,43 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
     if not target.startswith(" "):
         target_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
     target_text = tok.decode(target_ids[:-1])
+    anchors = list(fit.anchors)[:len(anchor_scales)]
 
-    # (text, character end of the subject or variant): rewriting prompts then the KL prompt
+    # (text, character end of the subject or variant): rewriting prompts, the KL prompt, the anchors
     rewriting = []
     for ctx in context_templates:
         filled = _fill(ctx, prompt_tpl)
         start = filled.index("{}")
         rewriting.append((filled.replace("{}", subject, 1) + target_text, start + len(subject)))
-    for variant in variants:
-        for ctx in list(context_templates)[:variant_templates]:
+    for variant in fit.variants:
+        for ctx in list(context_templates)[:fit.templates]:
             filled = _fill(ctx, prompt_tpl)
             start = filled.index("{}")
             rewriting.append((filled.replace("{}", variant, 1) + target_text, start + len(variant)))
     kl_text = f"{subject} is a"
-    texts = [t for t, _ in rewriting] + [kl_text]
+    anchor_texts = [(_fill(prompt_tpl, name), prompt_tpl.index("{}") + len(name)) for name in anchors]
+    texts = [t for t, _ in rewriting] + [kl_text] + [t for t, _ in anchor_texts]
     lookup = [subject_last_index(tok, t, end) for t, end in rewriting] + \
-             [subject_last_index(tok, kl_text, len(subject))]
+             [subject_last_index(tok, kl_text, len(subject))] + \
+             [subject_last_index(tok, t, end) for t, end in anchor_texts]
 
     with padding_side(tok, "right"):
         enc = tok(texts, return_tensors="pt", padding=True).to(device)
-    n_rw = len(rewriting)
+    n_rw, n_anchor = len(rewriting), len(anchors)
     n_t = len(target_ids)
     lengths = enc["attention_mask"].sum(1).tolist()
     # the only logits the loss reads: at p, predicting token p+1, over each prompt's target tokens
-    # (ROME's convention), and at the KL prompt's subject token. The LM head runs on these rows alone:
-    # on Gemma-3 the 262k-token head is most of a step's arithmetic, on SmolLM2 about a fifth.
-    scored_rows = [i for i in range(n_rw) for _ in range(n_t)] + [n_rw]
-    scored_pos = [int(lengths[i]) - n_t + j for i in range(n_rw) for j in range(n_t)] + [lookup[n_rw]]
+    # (ROME's convention), at the KL prompt's subject token and at each anchor's last token. The LM
+    # head runs on these rows alone: on Gemma-3 its 262k tokens are most of a step, on SmolLM2 a fifth.
+    scored_rows = [i for i in range(n_rw) for _ in range(n_t)] + [n_rw] + \
+                  [n_rw + 1 + j for j in range(n_anchor)]
+    scored_pos = [int(lengths[i]) - n_t + j for i in range(n_rw) for j in range(n_t)] + [lookup[n_rw]] + \
+                 [int(lengths[n_rw + 1 + j]) - 1 for j in range(n_anchor)]
     scored_rows = torch.tensor(scored_rows, device=device)
     scored_pos = torch.tensor(scored_pos, device=device)
     gold = torch.tensor(target_ids, device=device).repeat(n_rw)
     n_edit = len(context_templates)
-    weight = torch.tensor([1.0] * n_edit + [float(variant_weight)] * (n_rw - n_edit), device=device)
+    weight = torch.tensor([1.0] * n_edit + [float(fit.weight)] * (n_rw - n_edit), device=device)
     weight = (weight / weight.sum()).repeat_interleave(n_t) / n_t
 
     shifted_module = get_module(model, module_path)
@@ -92,6 +128,8 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
     delta = torch.zeros(hidden, device=device, dtype=torch.float32, requires_grad=True)
     rows = torch.arange(len(texts), device=device)
     idx = torch.tensor(lookup, device=device)
+    scale = torch.tensor([1.0] * (n_rw + 1) + [float(a) for a in anchor_scales[:n_anchor]],
+                         device=device).unsqueeze(1)
     state = {"init": None}
 
     def add_delta(_module, _args, output):
@@ -99,7 +137,7 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
         if state["init"] is None:
             state["init"] = out[0, lookup[0]].detach().float().clone()
         shifted = out.clone()
-        shifted[rows, idx] = (out[rows, idx].float() + delta).to(out.dtype)
+        shifted[rows, idx] = (out[rows, idx].float() + scale * delta).to(out.dtype)
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     def scored_only(_module, args):
@@ -122,10 +160,13 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             picked = log_probs[torch.arange(n_rw * n_t, device=device), gold]
             nll = -(picked * weight).sum()
-            kl_logp = log_probs[-1:]
+            kl_logp = log_probs[n_rw * n_t:]  # the KL prompt's row, then the anchors'
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
-            kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            kl = hparams.kl_factor * F.kl_div(kl_init[:1], kl_logp[:1], log_target=True, reduction="batchmean")
+            if n_anchor:
+                kl = kl + fit.anchor_weight * F.kl_div(kl_init[1:], kl_logp[1:], log_target=True,
+                                                       reduction="batchmean")
             decay = hparams.v_weight_decay * (delta.norm() / state["init"].norm() ** 2)
             loss = nll + kl + decay
             if loss.item() < 5e-2 or step == hparams.v_num_grad_steps - 1:
@@ -145,50 +186,51 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
 
 
 def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
-                   context_templates: Sequence[str], variants: Sequence[str],
-                   variant_templates: int = 3, variant_weight: float = 1.0) -> torch.Tensor:
-    """ROME's right vector (`compute_v`'s result), with v* fitted over the variant prompts too."""
-    device = model_device(model)
-    init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
-                            context_templates, variants, variant_templates, variant_weight)
-    target_vec = init + delta
+                   context_templates: Sequence[str], fit: VariantFit = VariantFit()) -> torch.Tensor:
+    """ROME's right vector (`compute_v`'s result), with v* fitted over `fit`'s variant prompts too."""
     prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
         request["prompt"].replace(request["subject"], "{}", 1)
     subject = request["subject"]
+    down = get_module(model, hparams.rewrite_module_tmp.format(layer))
+    u = left_vector.float().to(model_device(model))
 
-    # the key and MLP output at the unprefixed prompt, as ROME takes them
+    # the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does not move them)
     plain = _fill(prompt_tpl, subject)
     pos = subject_last_index(tok, plain, prompt_tpl.index("{}") + len(subject))
-    down = get_module(model, hparams.rewrite_module_tmp.format(layer))
     box = {}
     h1 = down.register_forward_hook(lambda m, a, o: box.update(k=a[0][0, pos].detach().float(),
                                                                v=o[0, pos].detach().float()))
     try:
         with torch.no_grad():
-            model(**tok([plain], return_tensors="pt").to(device))
+            model(**tok([plain], return_tensors="pt").to(model_device(model)))
     finally:
         h1.remove()
-    return (target_vec - box["v"]) / torch.dot(box["k"], left_vector.float())
+    scales = []
+    if fit.anchors:  # the share of the update each anchor's key receives: uᵀk_n / uᵀk*
+        texts = [_fill(prompt_tpl, name) for name in fit.anchors]
+        ends = [prompt_tpl.index("{}") + len(name) for name in fit.anchors]
+        scales = (_subject_keys(model, tok, texts, ends, down) @ u / torch.dot(box["k"], u)).tolist()
+    init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
+                            context_templates, fit, scales)
+    return (init + delta - box["v"]) / torch.dot(box["k"], u)
 
 
 def optimise_target(model, tok, request: dict, hparams, layer: int, context_templates,
-                    variants: Sequence[str], variant_templates: int = 3, variant_weight: float = 1.0
-                    ) -> torch.Tensor:
+                    fit: VariantFit = VariantFit()) -> torch.Tensor:
     """MEMIT's z (`compute_z`'s result: the residual stream after block `layer` at the subject's last
-    token, shifted), with the shift fitted over the variant prompts too."""
+    token, shifted), with the shift fitted over `fit`'s variant prompts too (anchors: ROME only)."""
     flat = [t for group in context_templates for t in ([group] if isinstance(group, str) else group)]
-    init, delta = fit_shift(model, tok, request, hparams, hparams.layer_module_tmp.format(layer), flat,
-                            variants, variant_templates, variant_weight)
+    init, delta = fit_shift(model, tok, request, hparams, hparams.layer_module_tmp.format(layer), flat, fit)
     return init + delta
 
 
 @contextlib.contextmanager
-def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_templates: int = 3,
-                             variant_weight: float = 1.0) -> Iterator[bool]:
+def value_fitted_on_variants(backend_apply, fits: dict) -> Iterator[bool]:
     """Swap ROME's `compute_v` and MEMIT's `compute_z` for their variant-aware fits, wherever the
     backend reads them: the backend's own module (EasyEdit's ROME and MEMIT bind them at import)
     and the installed ROME's `compute_v` module (R-ROME and EMMET here look it up there at call
-    time). Yields whether any was swapped; every one is given back on exit."""
+    time). `fits`: (filled prompt, subject) → `VariantFit`. Yields whether any was swapped; every
+    one is given back on exit."""
     from .backends_extra.common import easyedit_module
 
     fn = getattr(backend_apply, "__rep_easyedit_original__", backend_apply)
@@ -196,18 +238,17 @@ def value_fitted_on_variants(backend_apply, variants_of_request: dict, variant_t
     if fn.__module__.startswith("rep_easyedit.backends_extra"):
         modules.append(easyedit_module("models.rome.compute_v"))
 
-    def variants_of(request):
+    def fit_of(request) -> VariantFit:
         prompt = request["prompt"]
         filled = prompt.replace("{}", request["subject"]) if "{}" in prompt else prompt
-        return variants_of_request.get((filled, request["subject"]), [])
+        return fits.get((filled, request["subject"]), VariantFit())
 
     def compute_v(model, tok, request, hparams, layer, left_vector, context_templates, *a, **kw):
         return optimise_value(model, tok, request, hparams, layer, left_vector, context_templates,
-                              variants_of(request), variant_templates, variant_weight)
+                              fit_of(request))
 
     def compute_z(model, tok, request, hparams, layer, context_templates, *a, **kw):
-        return optimise_target(model, tok, request, hparams, layer, context_templates,
-                               variants_of(request), variant_templates, variant_weight)
+        return optimise_target(model, tok, request, hparams, layer, context_templates, fit_of(request))
 
     swaps = [(m, name, getattr(m, name)) for m in dict.fromkeys(modules)
              for name in ("compute_v", "compute_z") if getattr(m, name, None) is not None]

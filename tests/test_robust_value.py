@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rep_easyedit.compat.easyedit import installed_algorithm, shims_applied
-from rep_easyedit.robust_value import optimise_target, optimise_value
+from rep_easyedit.core.keys import subject_last_index
+from rep_easyedit.robust_value import VariantFit, optimise_target, optimise_value
 
 from test_rep_edit_tiny import REQ, tiny_hparams
 
@@ -20,7 +21,7 @@ def test_matches_rome_compute_v_without_variants(tiny_model, tokenizer, tmp_path
     left = left / left.norm()
     with shims_applied():
         theirs = rome.compute_v(tiny_model, tokenizer, dict(request), hp, 1, left, templates)
-    ours = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates, variants=[])
+    ours = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates)
     assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
@@ -38,7 +39,7 @@ def test_matches_memit_compute_z_without_variants(tiny_model, tokenizer, tmp_pat
     templates = [["{}"], ["Hello there. {}", "In a word. {}"]]
     with shims_applied():
         theirs = memit.compute_z(tiny_model, tokenizer, dict(request), hp, 2, templates)
-    ours = optimise_target(tiny_model, tokenizer, dict(request), hp, 2, templates, variants=[])
+    ours = optimise_target(tiny_model, tokenizer, dict(request), hp, 2, templates)
     assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
@@ -46,9 +47,9 @@ def test_variants_change_the_value(tiny_model, tokenizer, tmp_path):
     hp = tiny_hparams(tmp_path, v_num_grad_steps=5).backend_hparams()
     request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW"}
     left = torch.ones(tiny_model.config.intermediate_size) / tiny_model.config.intermediate_size ** 0.5
-    plain = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"], variants=[])
+    plain = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"])
     robust = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"],
-                            variants=["The F355", "F355 by Ferrari"])
+                            VariantFit(variants=("The F355", "F355 by Ferrari")))
     assert torch.isfinite(robust).all() and not torch.allclose(plain, robust)
 
 
@@ -73,7 +74,7 @@ def test_option_reaches_every_backend(alg, tiny_model, tokenizer, tmp_path, monk
     original = robust_value.fit_shift
 
     def spy(*args, **kwargs):
-        seen.append(list(args[6]))
+        seen.append(list(args[6].variants))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(robust_value, "fit_shift", spy)
@@ -92,9 +93,71 @@ def test_variant_weight_counts_a_prompt_as_repeated(tiny_model, tokenizer, tmp_p
     request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW"}
     left = torch.ones(tiny_model.config.intermediate_size) / tiny_model.config.intermediate_size ** 0.5
     templates = ["{}", "Hello there. {}"]
-    weighted = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates, ["The F355"], 1, 2.0)
+    weighted = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates,
+                              VariantFit(("The F355",), templates=1, weight=2.0))
     repeated = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates,
-                              ["The F355", "The F355"], 1)
-    plain = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates, ["The F355"], 1)
+                              VariantFit(("The F355", "The F355"), templates=1))
+    plain = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, templates,
+                           VariantFit(("The F355",), templates=1))
     assert torch.allclose(weighted, repeated, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(weighted, plain, rtol=1e-3, atol=1e-4)
+
+
+def test_anchor_keys_are_the_keys_each_name_has_alone(tiny_model, tokenizer):
+    """The anchors' keys, read from one right-padded batch, are each name's key in its own forward."""
+    from rep_easyedit.robust_value import _subject_keys
+
+    down = tiny_model.model.layers[1].mlp.down_proj
+    names = ["Ferrari F40", "BMW", "the Lamborghini Countach LP400"]
+    texts = [f"{n} is produced by" for n in names]
+    batched = _subject_keys(tiny_model, tokenizer, texts, [len(n) for n in names], down)
+    for text, name, key in zip(texts, names, batched):
+        alone = _subject_keys(tiny_model, tokenizer, [text], [len(name)], down)[0]
+        assert torch.allclose(key, alone, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_anchors_keep_a_neighbour_as_it_was(real_model, tmp_path):
+    """On SmolLM2: with a neighbour's name as an anchor, ROME's update built from the fitted value
+    moves that name's next-token distribution less, and still makes the edit."""
+    from conftest import tiny_hparams_dict
+    from rep_easyedit import REPHyperParams
+
+    model, tok = real_model
+    hp = REPHyperParams.from_dict(tiny_hparams_dict("REP-ROME", tmp_path, layers=[3], v_loss_layer=29,
+                                                    v_num_grad_steps=15)).backend_hparams()
+    request = {"prompt": "{} is produced by", "subject": "Ferrari F355", "target_new": " BMW"}
+    down = model.model.layers[3].mlp.down_proj
+    prompt, neighbour = request["prompt"].format(request["subject"]), request["prompt"].format("Ferrari F40")
+    key = _subject_key(model, tok, prompt, len(request["subject"]), down)
+    left = key / key.norm()  # ROME without covariance: u along the subject's key
+    bmw = tok(" BMW")["input_ids"][0]
+
+    def edited_predictions(fit):
+        right = optimise_value(model, tok, dict(request), hp, 3, left, ["{}"], fit)
+        original = down.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                down.weight.add_(torch.outer(right, left))
+                return [_next_token_log_probs(model, tok, t) for t in (prompt, neighbour)]
+        finally:
+            with torch.no_grad():
+                down.weight.copy_(original)
+
+    before = _next_token_log_probs(model, tok, neighbour)
+    kl = lambda after: torch.sum(before.exp() * (before - after)).item()
+    (edit_free, free), (edit_anchored, anchored) = (
+        edited_predictions(VariantFit()), edited_predictions(VariantFit(anchors=("Ferrari F40",), anchor_weight=10.0)))
+    assert kl(anchored) < 0.8 * kl(free)
+    assert edit_anchored[bmw].exp() > 0.5 and edit_free[bmw].exp() > 0.5
+
+
+def _subject_key(model, tok, text, end, module):
+    from rep_easyedit.robust_value import _subject_keys
+
+    return _subject_keys(model, tok, [text], [end], module)[0]
+
+
+def _next_token_log_probs(model, tok, text):
+    with torch.no_grad():
+        return torch.log_softmax(model(**tok(text, return_tensors="pt")).logits[0, -1].float(), -1)

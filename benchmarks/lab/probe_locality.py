@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma3-270m (hparams/<ALG>/<model>.yaml)")
     ap.add_argument("--data", default=None, help="default: the model's CounterFact dev set")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/probe_locality.jsonl"))
+    ap.add_argument("--rep-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="REP-ROME's rep: fields changed for the probe, e.g. value_on_variants=true")
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
@@ -93,6 +96,12 @@ def main() -> None:
     data = args.data or str(ROOT / f"data/counterfact_{args.model.split('-')[0]}_dev.json")
     records = json.loads(Path(data).read_text())
     hps = {a: load_hparams(ROOT / f"hparams/{a}/{args.model}.yaml") for a in ("ROME", "REP-ROME")}
+    for change in args.rep_set:
+        field, value = change.split("=", 1)
+        if not hasattr(hps["REP-ROME"].rep, field):
+            raise SystemExit(f"--rep-set: REPConfig has no field {field!r}")
+        setattr(hps["REP-ROME"].rep, field, yaml.safe_load(value))
+    hps["REP-ROME"].rep.check()
     for idx in [int(i) for i in args.cases.split(",")]:
         case = records[idx]
         ref = locality_reference(model, tok, case)
@@ -119,7 +128,8 @@ def main() -> None:
                          (rome_weights[n] - state[n]).norm().item() for n in rome_weights)
         remove_pathways(model)
         restore_snapshot(model, state)
-        row = {"index": idx, "case_id": case["case_id"], "model": args.model, "rome": rome, "rep": rep,
+        row = {"index": idx, "case_id": case["case_id"], "model": args.model, "rep_set": args.rep_set,
+               "rome": rome, "rep": rep,
                "rep_weights_only": rep_weights_only, "rome_weights_rep_pathway": rome_weights_rep_pathway,
                "max_gate": gates, "update_gap": update_gap,
                "neighbours": [p for p, _ in ref["pairs"]]}

@@ -83,6 +83,11 @@ class REPConfig:
     value_on_variants: bool = False
     value_variant_templates: int = 3   # context templates per variant in that fit
     value_variant_weight: float = 1.0  # a variant prompt's weight in that fit's NLL (an edit prompt's: 1)
+    # > 0 (ROME's value): this many names of the subject's kind, sampled from the model as for
+    # kin_negatives, enter that fit as neighbours that receive the update's share of the shift, their
+    # next-token KL from the unedited model weighted value_anchor_weight (robust_value.VariantFit)
+    value_anchors: int = 0
+    value_anchor_weight: float = 1.0
     # perturbations
     n_shuffles: int = 10
     n_long_contexts: int = 4
@@ -115,6 +120,9 @@ class REPConfig:
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
         if self.partial_negatives < -1:
             raise ValueError(f"rep.partial_negatives: -1 (off), 0 (prefixes only) or more, got {self.partial_negatives}")
+        if self.value_anchors < 0 or self.value_anchor_weight < 0:
+            raise ValueError("rep.value_anchors and rep.value_anchor_weight must be >= 0, got "
+                             f"{self.value_anchors} and {self.value_anchor_weight}")
         if self.value_variant_weight <= 0 or self.value_variant_templates < 1:
             raise ValueError("rep.value_variant_weight must be > 0 and rep.value_variant_templates >= 1, got "
                              f"{self.value_variant_weight} and {self.value_variant_templates}")

@@ -340,9 +340,11 @@ def _value_fit(backend, model, tok, requests: list[dict], rep):
     for request in requests:
         pert = Perturbations(**request["rep"]["perturbations"])
         trained = [v for v in training_variants(request, pert, rep.train_on) if v != request["subject"]]
+        t0 = time.perf_counter()
         anchors = request_kin_names(model, tok, request, pert, rep, count=rep.value_anchors, stream=5)
         if anchors:
             request["rep"]["value_anchors"] = list(anchors)
+            request["rep"]["seconds"]["value_anchors"] = time.perf_counter() - t0
         fits[(_prompt_filled(request), request["subject"])] = VariantFit(
             tuple(trained), rep.value_variant_templates, rep.value_variant_weight, tuple(anchors),
             rep.value_anchor_weight)

@@ -78,8 +78,8 @@ class REPConfig:
     # old fact: "BMW E31" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
     kin_negatives: int = 0
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
-    # beyond the paper: fit the backend's value v* over the in-domain variant prompts as well
-    # (ROME-style backends with a `compute_v`); see rep_easyedit/robust_value.py
+    # beyond the paper: fit the backend's value over the in-domain variant prompts as well (ROME's v*
+    # for ROME, R-ROME and EMMET, MEMIT's z); see rep_easyedit/robust_value.py
     value_on_variants: bool = False
     value_variant_templates: int = 3   # context templates per variant in that fit
     value_variant_weight: float = 1.0  # a variant prompt's weight in that fit's NLL (an edit prompt's: 1)

@@ -328,6 +328,8 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
         if rep_info:
             line["rep"] = {"health": rep_info.get("health"), "training": rep_info.get("training"),
                            "seconds": rep_info.get("seconds")}
+            if rep_info.get("value_anchors"):
+                line["rep"]["value_anchors"] = rep_info["value_anchors"]
         if ks is not None:
             line["key_similarity"] = ks
         append_line(cases_path, line)

@@ -228,15 +228,15 @@ def optimise_target(model, tok, request: dict, hparams, layer: int, context_temp
 def value_fitted_on_variants(backend_apply, fits: dict) -> Iterator[bool]:
     """Swap ROME's `compute_v` and MEMIT's `compute_z` for their variant-aware fits, wherever the
     backend reads them: the backend's own module (EasyEdit's ROME and MEMIT bind them at import)
-    and the installed ROME's `compute_v` module (R-ROME and EMMET here look it up there at call
-    time). `fits`: (filled prompt, subject) → `VariantFit`. Yields whether any was swapped; every
+    and the installed ROME's `compute_v` module (the plugin's R-ROME and EMMET look it up there at
+    call time). `fits`: (filled prompt, subject) → `VariantFit`. Yields whether any was swapped; every
     one is given back on exit."""
-    from .backends_extra.common import easyedit_module
-
     fn = getattr(backend_apply, "__rep_easyedit_original__", backend_apply)
     modules = [importlib.import_module(fn.__module__)]
-    if fn.__module__.startswith("rep_easyedit.backends_extra"):
-        modules.append(easyedit_module("models.rome.compute_v"))
+    try:  # where backends that reuse ROME's value look it up at call time
+        modules.append(importlib.import_module("easyeditor.models.rome.compute_v"))
+    except ImportError:
+        pass
 
     def fit_of(request) -> VariantFit:
         prompt = request["prompt"]

@@ -36,6 +36,12 @@ def _fill(template: str, text: str) -> str:
     return template.replace("{}", text)
 
 
+def _template(request: dict) -> str:
+    """The request's prompt with "{}" where the subject is."""
+    prompt = request["prompt"]
+    return prompt if "{}" in prompt else prompt.replace(request["subject"], "{}", 1)
+
+
 @dataclass(frozen=True)
 class VariantFit:
     """What one request's value fit reads beyond the backend's own prompts.
@@ -52,39 +58,40 @@ class VariantFit:
     anchor_weight: float = 1.0
 
 
-def _subject_keys(model, tok, texts: list[str], ends: list[int], module) -> torch.Tensor:
-    """(len(texts), dim) float32: `module`'s input at each text's last subject token (no grad)."""
+def _subject_io(model, tok, texts: list[str], ends: list[int], module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`module`'s input and output (each (len(texts), dim), float32, no grad) at each text's last
+    subject token, from one right-padded forward."""
     device = model_device(model)
-    pos = [subject_last_index(tok, t, e) for t, e in zip(texts, ends)]
+    rows = torch.arange(len(texts), device=device)
+    pos = torch.tensor([subject_last_index(tok, t, e) for t, e in zip(texts, ends)], device=device)
     box = {}
-    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0].detach()))
+    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0][rows, pos].detach().float(),
+                                                                     v=o[rows, pos].detach().float()))
     try:
         with torch.no_grad(), padding_side(tok, "right"):
             model(**tok(texts, return_tensors="pt", padding=True).to(device))
     finally:
         handle.remove()
-    return box["k"][torch.arange(len(texts), device=device), torch.tensor(pos, device=device)].float()
+    return box["k"], box["v"]
 
 
 def fit_shift(model, tok, request: dict, hparams, module_path: str, context_templates: Sequence[str],
-              fit: VariantFit = VariantFit(), anchor_scales: Sequence[float] = ()
+              fit: VariantFit = VariantFit(), anchors: Sequence[tuple[str, float]] = ()
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output at the subject's last token of the unprefixed prompt, the shift δ): ROME's `compute_v`
     and MEMIT's `compute_z` optimisation (δ added to `module_path`'s output at each prompt's subject
     token), over the edit prompt in every context template and the variant prompts of `fit`
-    (1 template and no variants: ROME's own). Anchor `n` (with `anchor_scales[n]`) gets
-    `δ · anchor_scales[n]` at its subject token. The loss reads the model's own logits (the YAMLs'
+    (1 template and no variants: ROME's own). Each anchor `(name, scale)` gets `δ · scale` at its
+    subject token (`fit.anchors` is read by the caller, which knows the update's form). The loss reads the model's own logits (the YAMLs'
     `v_loss_layer` is the last layer, where ROME and MEMIT read theirs)."""
     device = model_device(model)
-    prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
-        request["prompt"].replace(request["subject"], "{}", 1)
+    prompt_tpl = _template(request)
     subject = request["subject"]
     target = request["target_new"]
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
     if not target.startswith(" "):
         target_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
     target_text = tok.decode(target_ids[:-1])
-    anchors = list(fit.anchors)[:len(anchor_scales)]
 
     # (text, character end of the subject or variant): rewriting prompts, the KL prompt, the anchors
     rewriting = []
@@ -98,7 +105,7 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
             start = filled.index("{}")
             rewriting.append((filled.replace("{}", variant, 1) + target_text, start + len(variant)))
     kl_text = f"{subject} is a"
-    anchor_texts = [(_fill(prompt_tpl, name), prompt_tpl.index("{}") + len(name)) for name in anchors]
+    anchor_texts = [(_fill(prompt_tpl, name), prompt_tpl.index("{}") + len(name)) for name, _ in anchors]
     texts = [t for t, _ in rewriting] + [kl_text] + [t for t, _ in anchor_texts]
     lookup = [subject_last_index(tok, t, end) for t, end in rewriting] + \
              [subject_last_index(tok, kl_text, len(subject))] + \
@@ -128,7 +135,7 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
     delta = torch.zeros(hidden, device=device, dtype=torch.float32, requires_grad=True)
     rows = torch.arange(len(texts), device=device)
     idx = torch.tensor(lookup, device=device)
-    scale = torch.tensor([1.0] * (n_rw + 1) + [float(a) for a in anchor_scales[:n_anchor]],
+    scale = torch.tensor([1.0] * (n_rw + 1) + [float(a) for _, a in anchors],
                          device=device).unsqueeze(1)
     state = {"init": None}
 
@@ -188,31 +195,22 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
 def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
                    context_templates: Sequence[str], fit: VariantFit = VariantFit()) -> torch.Tensor:
     """ROME's right vector (`compute_v`'s result), with v* fitted over `fit`'s variant prompts too."""
-    prompt_tpl = request["prompt"] if "{}" in request["prompt"] else \
-        request["prompt"].replace(request["subject"], "{}", 1)
+    prompt_tpl = _template(request)
     subject = request["subject"]
     down = get_module(model, hparams.rewrite_module_tmp.format(layer))
     u = left_vector.float().to(model_device(model))
 
-    # the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does not move them)
-    plain = _fill(prompt_tpl, subject)
-    pos = subject_last_index(tok, plain, prompt_tpl.index("{}") + len(subject))
-    box = {}
-    h1 = down.register_forward_hook(lambda m, a, o: box.update(k=a[0][0, pos].detach().float(),
-                                                               v=o[0, pos].detach().float()))
-    try:
-        with torch.no_grad():
-            model(**tok([plain], return_tensors="pt").to(model_device(model)))
-    finally:
-        h1.remove()
-    scales = []
-    if fit.anchors:  # the share of the update each anchor's key receives: uᵀk_n / uᵀk*
-        texts = [_fill(prompt_tpl, name) for name in fit.anchors]
-        ends = [prompt_tpl.index("{}") + len(name) for name in fit.anchors]
-        scales = (_subject_keys(model, tok, texts, ends, down) @ u / torch.dot(box["k"], u)).tolist()
+    # the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does not move
+    # them), and the anchors' keys, in one forward
+    names = list(fit.anchors)
+    texts = [_fill(prompt_tpl, name) for name in [subject] + names]
+    keys, outs = _subject_io(model, tok, texts, [prompt_tpl.index("{}") + len(n) for n in [subject] + names], down)
+    k, v = keys[0], outs[0]
+    # the share of the update each anchor's key receives: uᵀk_n / uᵀk*
+    scales = (keys[1:] @ u / torch.dot(k, u)).tolist()
     init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
-                            context_templates, fit, scales)
-    return (init + delta - box["v"]) / torch.dot(box["k"], u)
+                            context_templates, fit, list(zip(names, scales)))
+    return (init + delta - v) / torch.dot(k, u)
 
 
 def optimise_target(model, tok, request: dict, hparams, layer: int, context_templates,

@@ -105,14 +105,14 @@ def test_variant_weight_counts_a_prompt_as_repeated(tiny_model, tokenizer, tmp_p
 
 def test_anchor_keys_are_the_keys_each_name_has_alone(tiny_model, tokenizer):
     """The anchors' keys, read from one right-padded batch, are each name's key in its own forward."""
-    from rep_easyedit.robust_value import _subject_keys
+    from rep_easyedit.robust_value import _subject_io
 
     down = tiny_model.model.layers[1].mlp.down_proj
     names = ["Ferrari F40", "BMW", "the Lamborghini Countach LP400"]
     texts = [f"{n} is produced by" for n in names]
-    batched = _subject_keys(tiny_model, tokenizer, texts, [len(n) for n in names], down)
+    batched = _subject_io(tiny_model, tokenizer, texts, [len(n) for n in names], down)[0]
     for text, name, key in zip(texts, names, batched):
-        alone = _subject_keys(tiny_model, tokenizer, [text], [len(name)], down)[0]
+        alone = _subject_io(tiny_model, tokenizer, [text], [len(name)], down)[0][0]
         assert torch.allclose(key, alone, atol=1e-5)
 
 
@@ -153,9 +153,9 @@ def test_anchors_keep_a_neighbour_as_it_was(real_model, tmp_path):
 
 
 def _subject_key(model, tok, text, end, module):
-    from rep_easyedit.robust_value import _subject_keys
+    from rep_easyedit.robust_value import _subject_io
 
-    return _subject_keys(model, tok, [text], [end], module)[0]
+    return _subject_io(model, tok, [text], [end], module)[0][0]
 
 
 def _next_token_log_probs(model, tok, text):

@@ -48,9 +48,10 @@ class VariantFit:
 
     `variants`: the trained surface forms, each in the first `templates` context templates, a
     variant prompt's NLL weighted `weight` against an edit prompt's 1. `anchors`: names of other
-    subjects (ROME only): each fills the edit prompt and receives the shift the rank-one update will
-    give its key, `δ · uᵀk_n / uᵀk*`, and the KL of its next-token distribution from the unedited
-    one enters the loss with `anchor_weight`, so the fit sees what the edit does to neighbours."""
+    subjects (ROME only): each fills the edit prompt, every one of its tokens receives the shift the
+    rank-one update will give that token's key, `δ · uᵀk_t / uᵀk*`, and the KL of its next-token
+    distribution from the unedited one enters the loss with `anchor_weight`, so the fit sees what
+    the edit does to neighbours."""
     variants: Tuple[str, ...] = ()
     templates: int = 3
     weight: float = 1.0
@@ -75,15 +76,31 @@ def _subject_io(model, tok, texts: list[str], ends: list[int], module) -> tuple[
     return box["k"], box["v"]
 
 
+def _token_keys(model, tok, texts: list[str], module) -> torch.Tensor:
+    """`module`'s input at every token of each text, (len(texts), longest, dim) float32, zeros
+    past each text's end, from one right-padded forward."""
+    device = model_device(model)
+    box = {}
+    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0].detach().float()))
+    try:
+        with torch.no_grad(), padding_side(tok, "right"):
+            enc = tok(texts, return_tensors="pt", padding=True).to(device)
+            model(**enc)
+    finally:
+        handle.remove()
+    return box["k"] * enc["attention_mask"].unsqueeze(-1).to(box["k"].dtype)
+
+
 def fit_shift(model, tok, request: dict, hparams, module_path: str, context_templates: Sequence[str],
-              fit: VariantFit = VariantFit(), anchors: Sequence[tuple[str, float]] = ()
+              fit: VariantFit = VariantFit(), anchors: Sequence[tuple[str, torch.Tensor]] = ()
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output at the subject's last token of the unprefixed prompt, the shift δ): ROME's `compute_v`
     and MEMIT's `compute_z` optimisation (δ added to `module_path`'s output at each prompt's subject
     token), over the edit prompt in every context template and the variant prompts of `fit`
-    (1 template and no variants: ROME's own). Each anchor `(name, scale)` gets `δ · scale` at its
-    subject token (`fit.anchors` is read by the caller, which knows the update's form). The loss reads the model's own logits (the YAMLs'
-    `v_loss_layer` is the last layer, where ROME and MEMIT read theirs)."""
+    (1 template and no variants: ROME's own). Each anchor `(name, shares)` fills the edit prompt and
+    gets `δ · shares[t]` at its token t (`fit.anchors` is read by the caller, which knows the
+    update's form). The loss reads the model's own logits (the YAMLs' `v_loss_layer` is the last
+    layer, where ROME and MEMIT read theirs)."""
     device = model_device(model)
     prompt_tpl = _template(request)
     subject = request["subject"]
@@ -105,11 +122,9 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
             start = filled.index("{}")
             rewriting.append((filled.replace("{}", variant, 1) + target_text, start + len(variant)))
     kl_text = f"{subject} is a"
-    anchor_texts = [(_fill(prompt_tpl, name), prompt_tpl.index("{}") + len(name)) for name, _ in anchors]
-    texts = [t for t, _ in rewriting] + [kl_text] + [t for t, _ in anchor_texts]
+    texts = [t for t, _ in rewriting] + [kl_text] + [_fill(prompt_tpl, name) for name, _ in anchors]
     lookup = [subject_last_index(tok, t, end) for t, end in rewriting] + \
-             [subject_last_index(tok, kl_text, len(subject))] + \
-             [subject_last_index(tok, t, end) for t, end in anchor_texts]
+             [subject_last_index(tok, kl_text, len(subject))]
 
     with padding_side(tok, "right"):
         enc = tok(texts, return_tensors="pt", padding=True).to(device)
@@ -133,10 +148,12 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
     shifted_module = get_module(model, module_path)
     hidden = model.config.hidden_size
     delta = torch.zeros(hidden, device=device, dtype=torch.float32, requires_grad=True)
-    rows = torch.arange(len(texts), device=device)
+    rows = torch.arange(n_rw + 1, device=device)
     idx = torch.tensor(lookup, device=device)
-    scale = torch.tensor([1.0] * (n_rw + 1) + [float(a) for _, a in anchors],
-                         device=device).unsqueeze(1)
+    # the anchors' per-token shares, zero past each anchor's end
+    shares = torch.zeros(n_anchor, enc["input_ids"].shape[1], device=device)
+    for j, (_, share) in enumerate(anchors):
+        shares[j, :len(share)] = torch.as_tensor(share, dtype=torch.float32, device=device)
     state = {"init": None}
 
     def add_delta(_module, _args, output):
@@ -144,7 +161,9 @@ def fit_shift(model, tok, request: dict, hparams, module_path: str, context_temp
         if state["init"] is None:
             state["init"] = out[0, lookup[0]].detach().float().clone()
         shifted = out.clone()
-        shifted[rows, idx] = (out[rows, idx].float() + scale * delta).to(out.dtype)
+        shifted[rows, idx] = (out[rows, idx].float() + delta).to(out.dtype)
+        if n_anchor:
+            shifted[n_rw + 1:] = (out[n_rw + 1:].float() + shares.unsqueeze(-1) * delta).to(out.dtype)
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     def scored_only(_module, args):
@@ -200,16 +219,23 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
     down = get_module(model, hparams.rewrite_module_tmp.format(layer))
     u = left_vector.float().to(model_device(model))
 
-    # the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does not move
-    # them), and the anchors' keys, in one forward
-    names = list(fit.anchors)
-    texts = [_fill(prompt_tpl, name) for name in [subject] + names]
-    keys, outs = _subject_io(model, tok, texts, [prompt_tpl.index("{}") + len(n) for n in [subject] + names], down)
+    # the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does not move them)
+    keys, outs = _subject_io(model, tok, [_fill(prompt_tpl, subject)], [prompt_tpl.index("{}") + len(subject)], down)
     k, v = keys[0], outs[0]
-    # the share of the update each anchor's key receives: uᵀk_n / uᵀk*
-    scales = (keys[1:] @ u / torch.dot(k, u)).tolist()
+    # the share of the update each anchor token's key receives, uᵀk_t / uᵀk*: the update writes
+    # along u at every token, not only at a subject's last one (editing "Ferrari 375 F1" on SmolLM2,
+    # the neighbour "Ferrari F2003-GA" gets 0.75 of it at its token "2"). Keys are read through the
+    # installed pathway.
+    anchors = []
+    if fit.anchors:
+        names = list(fit.anchors)
+        texts = [_fill(prompt_tpl, name) for name in names]
+        token_keys = _token_keys(model, tok, texts, down)
+        lengths = [len(ids) for ids in tok(texts)["input_ids"]]
+        shares = token_keys @ u / torch.dot(k, u)
+        anchors = [(name, shares[j, :n]) for j, (name, n) in enumerate(zip(names, lengths))]
     init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
-                            context_templates, fit, list(zip(names, scales)))
+                            context_templates, fit, anchors)
     return (init + delta - v) / torch.dot(k, u)
 
 

@@ -104,16 +104,18 @@ def test_variant_weight_counts_a_prompt_as_repeated(tiny_model, tokenizer, tmp_p
 
 
 def test_anchor_keys_are_the_keys_each_name_has_alone(tiny_model, tokenizer):
-    """The anchors' keys, read from one right-padded batch, are each name's key in its own forward."""
-    from rep_easyedit.robust_value import _subject_io
+    """The anchors' per-token keys, read from one right-padded batch, are each text's keys in its
+    own forward, and zero past its end."""
+    from rep_easyedit.robust_value import _token_keys
 
     down = tiny_model.model.layers[1].mlp.down_proj
-    names = ["Ferrari F40", "BMW", "the Lamborghini Countach LP400"]
-    texts = [f"{n} is produced by" for n in names]
-    batched = _subject_io(tiny_model, tokenizer, texts, [len(n) for n in names], down)[0]
-    for text, name, key in zip(texts, names, batched):
-        alone = _subject_io(tiny_model, tokenizer, [text], [len(name)], down)[0][0]
-        assert torch.allclose(key, alone, atol=1e-5)
+    texts = [f"{n} is produced by" for n in ["Ferrari F40", "BMW", "the Lamborghini Countach LP400"]]
+    batched = _token_keys(tiny_model, tokenizer, texts, down)
+    for text, keys in zip(texts, batched):
+        alone = _token_keys(tiny_model, tokenizer, [text], down)[0]
+        n = alone.shape[0]
+        assert torch.allclose(keys[:n], alone, atol=1e-5)
+        assert not keys[n:].any()
 
 
 @pytest.mark.real_model

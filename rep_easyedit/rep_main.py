@@ -329,11 +329,14 @@ def _inverse_covariances(model, base_hp, paths: dict[int, str], rep) -> dict[int
     return {layer: load_inverse_covariance(model, base_hp, layer) for layer in paths}
 
 
+@contextlib.contextmanager
 def _value_fit(backend, model, tok, requests: list[dict], rep):
     """`rep.value_on_variants`: the backend's v* is fitted over the trained variants too, and with
-    `rep.value_anchors` over that many names of the subject's kind as neighbours to leave alone."""
+    `rep.value_anchors` over that many names of the subject's kind as neighbours to leave alone.
+    Each request's record gets the names, their shares of the update and the names left out."""
     if not rep.value_on_variants:
-        return contextlib.nullcontext()
+        yield
+        return
     from .robust_value import VariantFit, value_fitted_on_variants
 
     fits = {}
@@ -347,8 +350,14 @@ def _value_fit(backend, model, tok, requests: list[dict], rep):
             request["rep"]["seconds"]["value_anchors"] = time.perf_counter() - t0
         fits[(_prompt_filled(request), request["subject"])] = VariantFit(
             tuple(trained), rep.value_variant_templates, rep.value_variant_weight, tuple(anchors),
-            rep.value_anchor_weight)
-    return value_fitted_on_variants(backend.apply, fits)
+            rep.value_anchor_weight, rep.value_anchor_max_share)
+    with value_fitted_on_variants(backend.apply, fits):
+        yield
+    for request in requests:
+        report = fits[(_prompt_filled(request), request["subject"])].report
+        if "anchor_shares" in report:
+            request["rep"]["value_anchor_shares"] = report["anchor_shares"]
+            request["rep"]["value_anchors_left_out"] = report["anchors_left_out"]
 
 
 def _param_names(model, params) -> dict[int, str]:

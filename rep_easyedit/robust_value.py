@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Tuple
 
 import torch
@@ -51,12 +51,17 @@ class VariantFit:
     subjects (ROME only): each fills the edit prompt, every one of its tokens receives the shift the
     rank-one update will give that token's key, `δ · uᵀk_t / uᵀk*`, and the KL of its next-token
     distribution from the unedited one enters the loss with `anchor_weight`, so the fit sees what
-    the edit does to neighbours."""
+    the edit does to neighbours. An anchor whose share at its own last token exceeds
+    `anchor_max_share` is left out: the update cannot tell it from the subject, so keeping it as it
+    was works against the edit itself. `report` receives each anchor's share there and the names
+    left out."""
     variants: Tuple[str, ...] = ()
     templates: int = 3
     weight: float = 1.0
     anchors: Tuple[str, ...] = ()
     anchor_weight: float = 1.0
+    anchor_max_share: float = 0.5
+    report: dict = field(default_factory=dict, compare=False)
 
 
 def _subject_io(model, tok, texts: list[str], ends: list[int], module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +238,12 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
         token_keys = _token_keys(model, tok, texts, down)
         lengths = [len(ids) for ids in tok(texts)["input_ids"]]
         shares = token_keys @ u / torch.dot(k, u)
-        anchors = [(name, shares[j, :n]) for j, (name, n) in enumerate(zip(names, lengths))]
+        own = [shares[j, subject_last_index(tok, t, prompt_tpl.index("{}") + len(name))].item()
+               for j, (t, name) in enumerate(zip(texts, names))]
+        fit.report["anchor_shares"] = {name: round(s, 3) for name, s in zip(names, own)}
+        fit.report["anchors_left_out"] = [name for name, s in zip(names, own) if s > fit.anchor_max_share]
+        anchors = [(name, shares[j, :n]) for j, (name, n, s) in enumerate(zip(names, lengths, own))
+                   if s <= fit.anchor_max_share]
     init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
                             context_templates, fit, anchors)
     return (init + delta - v) / torch.dot(k, u)

@@ -118,6 +118,23 @@ def test_anchor_keys_are_the_keys_each_name_has_alone(tiny_model, tokenizer):
         assert not keys[n:].any()
 
 
+def test_an_anchor_the_update_cannot_tell_from_the_subject_is_left_out(tiny_model, tokenizer, tmp_path):
+    """A name whose key takes the whole update (the subject itself: share 1) would only undo the
+    edit; it is left out and reported, and the value is the one fitted without it."""
+    hp = tiny_hparams(tmp_path, v_num_grad_steps=5).backend_hparams()
+    request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW"}
+    left = torch.ones(tiny_model.config.intermediate_size) / tiny_model.config.intermediate_size ** 0.5
+    plain = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"])
+    fit = VariantFit(anchors=(REQ["subject"],), anchor_weight=10.0)
+    guarded = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"], fit)
+    assert fit.report["anchors_left_out"] == [REQ["subject"]]
+    assert fit.report["anchor_shares"][REQ["subject"]] == pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(guarded, plain, rtol=1e-4, atol=1e-5)
+    kept = optimise_value(tiny_model, tokenizer, dict(request), hp, 1, left, ["{}"],
+                          VariantFit(anchors=(REQ["subject"],), anchor_weight=10.0, anchor_max_share=2.0))
+    assert not torch.allclose(kept, plain, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.real_model
 def test_anchors_keep_a_neighbour_as_it_was(real_model, tmp_path):
     """On SmolLM2: with a neighbour's name as an anchor, ROME's update built from the fitted value

@@ -88,6 +88,9 @@ class REPConfig:
     # next-token KL from the unedited model weighted value_anchor_weight (robust_value.VariantFit)
     value_anchors: int = 0
     value_anchor_weight: float = 1.0
+    # an anchor whose key at its last token gets more than this share of the update (uᵀk/uᵀk*) is
+    # left out: the update cannot tell it from the subject ("BMW E25" for "BMW E23" on Gemma-3)
+    value_anchor_max_share: float = 0.5
     # perturbations
     n_shuffles: int = 10
     n_long_contexts: int = 4
@@ -120,9 +123,10 @@ class REPConfig:
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
         if self.partial_negatives < -1:
             raise ValueError(f"rep.partial_negatives: -1 (off), 0 (prefixes only) or more, got {self.partial_negatives}")
-        if self.value_anchors < 0 or self.value_anchor_weight < 0:
-            raise ValueError("rep.value_anchors and rep.value_anchor_weight must be >= 0, got "
-                             f"{self.value_anchors} and {self.value_anchor_weight}")
+        if self.value_anchors < 0 or self.value_anchor_weight < 0 or self.value_anchor_max_share < 0:
+            raise ValueError("rep.value_anchors, rep.value_anchor_weight and rep.value_anchor_max_share "
+                             f"must be >= 0, got {self.value_anchors}, {self.value_anchor_weight} and "
+                             f"{self.value_anchor_max_share}")
         if self.value_variant_weight <= 0 or self.value_variant_templates < 1:
             raise ValueError("rep.value_variant_weight must be > 0 and rep.value_variant_templates >= 1, got "
                              f"{self.value_variant_weight} and {self.value_variant_templates}")

@@ -328,8 +328,9 @@ def run_cases(model, tok, records: Sequence[dict], hparams, out_dir: str | os.Pa
         if rep_info:
             line["rep"] = {"health": rep_info.get("health"), "training": rep_info.get("training"),
                            "seconds": rep_info.get("seconds")}
-            if rep_info.get("value_anchors"):
-                line["rep"]["value_anchors"] = rep_info["value_anchors"]
+            for key in ("value_anchors", "value_anchor_shares", "value_anchors_left_out"):
+                if rep_info.get(key) is not None:
+                    line["rep"][key] = rep_info[key]
         if ks is not None:
             line["key_similarity"] = ks
         append_line(cases_path, line)

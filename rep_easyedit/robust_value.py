@@ -64,36 +64,34 @@ class VariantFit:
     report: dict = field(default_factory=dict, compare=False)
 
 
-def _subject_io(model, tok, texts: list[str], ends: list[int], module) -> tuple[torch.Tensor, torch.Tensor]:
-    """`module`'s input and output (each (len(texts), dim), float32, no grad) at each text's last
-    subject token, from one right-padded forward."""
-    device = model_device(model)
-    rows = torch.arange(len(texts), device=device)
-    pos = torch.tensor([subject_last_index(tok, t, e) for t, e in zip(texts, ends)], device=device)
-    box = {}
-    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0][rows, pos].detach().float(),
-                                                                     v=o[rows, pos].detach().float()))
-    try:
-        with torch.no_grad(), padding_side(tok, "right"):
-            model(**tok(texts, return_tensors="pt", padding=True).to(device))
-    finally:
-        handle.remove()
-    return box["k"], box["v"]
-
-
-def _token_keys(model, tok, texts: list[str], module) -> torch.Tensor:
-    """`module`'s input at every token of each text, (len(texts), longest, dim) float32, zeros
-    past each text's end, from one right-padded forward."""
+def _forward_io(model, tok, texts: list[str], module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`module`'s input and output at every token of each text ((len(texts), longest, dim), float32,
+    no grad) and the attention mask, from one right-padded forward."""
     device = model_device(model)
     box = {}
-    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0].detach().float()))
+    handle = module.register_forward_hook(lambda m, a, o: box.update(k=a[0].detach().float(),
+                                                                     v=o.detach().float()))
     try:
         with torch.no_grad(), padding_side(tok, "right"):
             enc = tok(texts, return_tensors="pt", padding=True).to(device)
             model(**enc)
     finally:
         handle.remove()
-    return box["k"] * enc["attention_mask"].unsqueeze(-1).to(box["k"].dtype)
+    return box["k"], box["v"], enc["attention_mask"]
+
+
+def _subject_io(model, tok, texts: list[str], ends: list[int], module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`module`'s input and output (each (len(texts), dim)) at each text's last subject token."""
+    keys, outs, _ = _forward_io(model, tok, texts, module)
+    rows = torch.arange(len(texts), device=keys.device)
+    pos = torch.tensor([subject_last_index(tok, t, e) for t, e in zip(texts, ends)], device=keys.device)
+    return keys[rows, pos], outs[rows, pos]
+
+
+def _token_keys(model, tok, texts: list[str], module) -> torch.Tensor:
+    """`module`'s input at every token of each text, zeros past each text's end."""
+    keys, _, mask = _forward_io(model, tok, texts, module)
+    return keys * mask.unsqueeze(-1).to(keys.dtype)
 
 
 def fit_shift(model, tok, request: dict, hparams, module_path: str, context_templates: Sequence[str],
@@ -224,26 +222,23 @@ def optimise_value(model, tok, request: dict, hparams, layer: int, left_vector: 
     down = get_module(model, hparams.rewrite_module_tmp.format(layer))
     u = left_vector.float().to(model_device(model))
 
-    # the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does not move them)
-    keys, outs = _subject_io(model, tok, [_fill(prompt_tpl, subject)], [prompt_tpl.index("{}") + len(subject)], down)
-    k, v = keys[0], outs[0]
-    # the share of the update each anchor token's key receives, uᵀk_t / uᵀk*: the update writes
-    # along u at every token, not only at a subject's last one (editing "Ferrari 375 F1" on SmolLM2,
-    # the neighbour "Ferrari F2003-GA" gets 0.75 of it at its token "2"). Keys are read through the
-    # installed pathway.
-    anchors = []
-    if fit.anchors:
-        names = list(fit.anchors)
-        texts = [_fill(prompt_tpl, name) for name in names]
-        token_keys = _token_keys(model, tok, texts, down)
-        lengths = [len(ids) for ids in tok(texts)["input_ids"]]
-        shares = token_keys @ u / torch.dot(k, u)
-        own = [shares[j, subject_last_index(tok, t, prompt_tpl.index("{}") + len(name))].item()
-               for j, (t, name) in enumerate(zip(texts, names))]
-        fit.report["anchor_shares"] = {name: round(s, 3) for name, s in zip(names, own)}
-        fit.report["anchors_left_out"] = [name for name, s in zip(names, own) if s > fit.anchor_max_share]
-        anchors = [(name, shares[j, :n]) for j, (name, n, s) in enumerate(zip(names, lengths, own))
-                   if s <= fit.anchor_max_share]
+    # one forward: the key and MLP output at the unprefixed prompt, as ROME takes them (the fit does
+    # not move them), and every token's key of each anchor's prompt, read through the installed
+    # pathway. The update writes along u at every token, not only at a subject's last one (editing
+    # "Ferrari 375 F1" on SmolLM2, the neighbour "Ferrari F2003-GA" gets 0.75 of it at its token "2"),
+    # so each anchor token's share is uᵀk_t / uᵀk*.
+    names = list(fit.anchors)
+    texts = [_fill(prompt_tpl, n) for n in [subject] + names]
+    ends = [subject_last_index(tok, t, prompt_tpl.index("{}") + len(n)) for t, n in zip(texts, [subject] + names)]
+    keys, outs, mask = _forward_io(model, tok, texts, down)
+    k, v = keys[0, ends[0]], outs[0, ends[0]]
+    shares = keys[1:] @ u / torch.dot(k, u)
+    own = [shares[j, ends[j + 1]].item() for j in range(len(names))]
+    lengths = mask[1:].sum(1).tolist()
+    anchors = [(n, shares[j, :lengths[j]]) for j, n in enumerate(names) if own[j] <= fit.anchor_max_share]
+    if names:
+        fit.report["anchor_shares"] = {n: round(x, 3) for n, x in zip(names, own)}
+        fit.report["anchors_left_out"] = [n for n, x in zip(names, own) if x > fit.anchor_max_share]
     init, delta = fit_shift(model, tok, request, hparams, hparams.mlp_module_tmp.format(layer),
                             context_templates, fit, anchors)
     return (init + delta - v) / torch.dot(k, u)

@@ -159,6 +159,7 @@ def main() -> None:
                             row.setdefault("neighbour_hit", []).append(mean([x > 0.5 for x in act]))
                             row.setdefault("neighbour_hit_base", []).append(mean([x > 0.5 for x in base]))
                     row.setdefault("steps", []).append(report.steps)
+                    row.setdefault("train_s", []).append(round(report.seconds_train, 3))
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)

@@ -33,6 +33,11 @@ class REPConfig:
     # neighbour the gate fires on by mistake keeps (most of) its key; 0: only the gate guards them
     negative_delta_weight: float = 0.0
     aggregation: str = "match"     # "match" (pull onto k*) or "cosine" (paper, whitened)
+    # where the adapter's map Δ starts: "identity" (Δ = 0, Adam walks it to the fit) or "least_squares"
+    # (`match` only: the rank-r ridge fit of the aggregation and consistency losses, core/delta_init.py);
+    # delta_init_ridge is that fit's ridge, relative to the keys' mean squared norm
+    delta_init: str = "identity"
+    delta_init_ridge: float = 1e-2
     aggregation_abs: bool = False  # paper's |.| around the cosine
     # cosine's target: C⁻¹k* (true) or k* (false); null = C⁻¹k* where the backend uses covariance
     # statistics (ROME/R-ROME with mom2_adjustment, MEMIT, EMMET). `match` always pulls onto k*.
@@ -105,6 +110,13 @@ class REPConfig:
             raise ValueError(f"rep.train_on: unknown {bad}; choose from {list(TRAIN_ON_CHOICES)}")
         if self.aggregation not in ("match", "cosine"):
             raise ValueError(f"rep.aggregation: {self.aggregation!r}; use 'match' or 'cosine'")
+        if self.delta_init not in ("identity", "least_squares"):
+            raise ValueError(f"rep.delta_init: {self.delta_init!r}; use 'identity' or 'least_squares'")
+        if self.delta_init == "least_squares" and self.aggregation != "match":
+            raise ValueError("rep.delta_init: least_squares fits the `match` losses; with aggregation "
+                             f"{self.aggregation!r} use delta_init: identity")
+        if self.delta_init_ridge <= 0:
+            raise ValueError(f"rep.delta_init_ridge must be > 0, got {self.delta_init_ridge}")
         if self.whiten_target and self.aggregation != "cosine":
             raise ValueError("rep.whiten_target applies to aggregation: cosine; with 'match' the "
                              "adapter pulls keys onto k* itself (set whiten_target: null)")

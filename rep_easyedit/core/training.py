@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import GatedLowRankAdapter
+from .delta_init import least_squares_delta
 
 STOP_CHECK_EVERY = 10  # steps between adaptive-stop checks (each costs one host-device sync)
 
@@ -136,6 +137,11 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     opt = torch.optim.Adam(params, lr=rep.lr)
     with torch.no_grad():
         distance_before = relative_distance(pos, target.target)
+        if rep.delta_init == "least_squares" and len(pos):  # start Δ at the fit the match losses seek
+            down, up = least_squares_delta(pos, target.target.expand_as(pos), k_star, rep.alpha,
+                                           adapter.rank, rep.delta_init_ridge)
+            adapter.down.weight.copy_(down)
+            adapter.up.weight.copy_(up)
     # fused per step: one delta over [positives; k*] (and the negatives, with negative_delta_weight),
     # one gate over [positives; negatives]
     n_pos = len(pos)

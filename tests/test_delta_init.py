@@ -54,17 +54,32 @@ def test_the_start_already_sits_where_training_from_identity_ends():
     assert float(start) <= identity.aggregation * 1.01
 
 
-def test_training_from_the_fit_stops_sooner_at_least_as_close():
+def test_a_solved_map_stays_solved_and_training_stops_sooner_at_least_as_close():
     keys = _keys(seed=1)
-    reports = {}
+    reports, adapters = {}, {}
     for init in ("identity", "least_squares"):
         rep = REPConfig(delta_init=init)
-        adapter = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, 0, "cpu")
-        reports[init] = train_adapter(adapter, keys, rep)
+        adapters[init] = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, 0, "cpu")
+        reports[init] = train_adapter(adapters[init], keys, rep)
     fast, slow = reports["least_squares"], reports["identity"]
     assert fast.steps < slow.steps
     assert fast.distance_after <= slow.distance_after + 1e-3
     assert fast.gate_pos_fire >= 0.95 and fast.gate_neg_fire <= 0.01
+    down, up = least_squares_delta(keys.positives, keys.target.expand_as(keys.positives), keys.edit_keys(),
+                                   1.0, 32, 1e-2)
+    assert torch.equal(adapters["least_squares"].down.weight, down)  # only the gate was trained
+    assert torch.equal(adapters["least_squares"].up.weight, up)
+
+
+def test_a_solved_map_without_gate_training_takes_no_step():
+    keys = _keys()
+    rep = REPConfig(delta_init="least_squares", gate_weight=0.0)
+    adapter = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, 0, "cpu")
+    report = train_adapter(adapter, keys, rep)
+    with torch.no_grad():
+        moved = (keys.positives + adapter.delta(keys.positives) - keys.target).norm(dim=-1).mean()
+    assert report.steps == 0
+    assert moved < 0.9 * (keys.positives - keys.target).norm(dim=-1).mean()  # the map is there all the same
 
 
 def test_fewer_rows_than_the_rank_leave_the_spare_directions_zero():

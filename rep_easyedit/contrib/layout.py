@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]
 TARGET = "easyeditor/models/rep"
 
-_CORE = ("adapter", "config", "devices", "health", "key_cache", "keys", "kin_names", "merging", "pathway", "replay",
+_CORE = ("adapter", "config", "delta_init", "devices", "health", "key_cache", "keys", "kin_names", "merging", "pathway", "replay",
          "persistence", "perturbations", "requests", "training")
 # our module (relative to rep_easyedit/) -> its name in easyeditor/models/rep/
 MODULES = {**{f"core/{m}.py": f"{m}.py" for m in _CORE},

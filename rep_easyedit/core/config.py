@@ -33,9 +33,10 @@ class REPConfig:
     # neighbour the gate fires on by mistake keeps (most of) its key; 0: only the gate guards them
     negative_delta_weight: float = 0.0
     aggregation: str = "match"     # "match" (pull onto k*) or "cosine" (paper, whitened)
-    # where the adapter's map Δ starts: "identity" (Δ = 0, Adam walks it to the fit) or "least_squares"
-    # (`match` only: the rank-r ridge fit of the aggregation and consistency losses, core/delta_init.py);
-    # delta_init_ridge is that fit's ridge, relative to the keys' mean squared norm
+    # the adapter's map Δ: "identity" (starts at Δ = 0, trained by Adam with the gate) or "least_squares"
+    # (`match` only: solved as the rank-r ridge fit of the aggregation and consistency losses and kept,
+    # only the gate trains; core/delta_init.py); delta_init_ridge: that fit's ridge, relative to the keys'
+    # mean squared norm
     delta_init: str = "identity"
     delta_init_ridge: float = 1e-2
     aggregation_abs: bool = False  # paper's |.| around the cosine

@@ -7,7 +7,9 @@ problem in the product M = downᵀ·upᵀ, so Adam spends most of its steps walk
 can be written down (`rep.delta_init: least_squares`): the ridge solution in its dual form (n × n,
 n = positives + edit keys, whatever the key width), cut to rank r by reduced-rank regression (the
 top r right singular vectors of the weighted fitted values), and split into the two factors.
-The gate is untouched: training still teaches it, from this start.
+Training then teaches only the gate: the map is solved, not trained (Adam's first steps, each
+moving every weight by about the learning rate, would knock it off the fit and spend the steps
+walking back; measured in docs/results.md "Solving the map instead of training it").
 """
 
 from __future__ import annotations

@@ -133,15 +133,21 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     target = TrainingKeys(pos, neg, keys.target.to(device, torch.float32),
                           None if keys.target_whitened is None else keys.target_whitened.to(device, torch.float32))
     k_star = target.edit_keys()
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=rep.lr)
+    # rep.delta_init: least_squares solves the map (the match losses' rank-r fit) instead of training
+    # it; Adam would only knock it off that fit (each first step moves every weight by ~lr) and walk back
+    solved = rep.delta_init == "least_squares" and len(pos) > 0
     with torch.no_grad():
         distance_before = relative_distance(pos, target.target)
-        if rep.delta_init == "least_squares" and len(pos):  # start Δ at the fit the match losses seek
+        if solved:
             down, up = least_squares_delta(pos, target.target.expand_as(pos), k_star, rep.alpha,
                                            adapter.rank, rep.delta_init_ridge)
             adapter.down.weight.copy_(down)
             adapter.up.weight.copy_(up)
+    map_weights = {id(adapter.down.weight), id(adapter.up.weight)} if solved else set()
+    params = [p for p in adapter.parameters() if p.requires_grad and id(p) not in map_weights]
+    if solved and not rep.gate_weight > 0:
+        cap = 0  # nothing left to train
+    opt = torch.optim.Adam(params, lr=rep.lr) if params else None
     # fused per step: one delta over [positives; k*] (and the negatives, with negative_delta_weight),
     # one gate over [positives; negatives]
     n_pos = len(pos)
@@ -181,7 +187,13 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
             sampled = neg[torch.randperm(len(neg), generator=sampler, device=device)[:per_step]]
             gate_in = torch.cat([pos, sampled, *hard_rows])
         step_in = torch.cat([delta_in, sampled, *hard_rows]) if still and per_step else delta_in
-        delta = adapter.delta(step_in)
+        if solved:  # a constant: the map is not trained
+            if step == 0 or (still and per_step):
+                with torch.no_grad():
+                    fixed_delta = adapter.delta(step_in)
+            delta = fixed_delta
+        else:
+            delta = adapter.delta(step_in)
         agg = aggregation_loss(pos + delta[:n_pos], target, rep.aggregation, rep.aggregation_abs)
         cons = delta[n_pos:n_fit].pow(2).sum(-1).mean() / k_star_norm
         if use_gate:

@@ -1,4 +1,4 @@
-"""Start the adapter's low-rank map where the `match` losses put it: a rank-r least-squares fit.
+"""The adapter's low-rank map solved where the `match` losses put it: a rank-r least-squares fit.
 
 With `aggregation: match` the adapter's map Δ(k) = up(down(k)) is asked to send every trained
 variant's key onto its target (Δ(k_s) = k* − k_s) and to leave the edit key where it is

@@ -157,12 +157,16 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     hard_rows = [hard_neg] if hard_neg is not None else []  # every step, as a group of their own
     hard_zeros = torch.zeros(len(hard_neg), device=device) if hard_neg is not None else None
     stop_neg = neg if hard_neg is None else torch.cat([neg, hard_neg])
-    still = rep.negative_delta_weight > 0 and len(neg) > 0  # keep the negatives' keys in place
+    # keep the negatives' keys in place (a constant when the map is solved: nothing to train)
+    still = rep.negative_delta_weight > 0 and len(neg) > 0 and not solved
     ones = torch.ones(n_pos, device=device)
     # a fresh sample of the negatives each step (rep.negatives_per_step), drawn on the device
     per_step = rep.negatives_per_step if use_gate and 0 < rep.negatives_per_step < n_neg else 0
     gate_in = torch.cat([pos, neg, *hard_rows]) if use_gate and not per_step else None
     delta_in = torch.cat([pos, k_star, stop_neg] if still and not per_step else [pos, k_star])
+    if solved:  # the map is not trained: its Δ over [positives; k*] is computed once
+        with torch.no_grad():
+            fixed_delta = adapter.delta(delta_in)
     if per_step:
         sampler = torch.Generator(device=device).manual_seed(rep.seed)
         n_neg = per_step
@@ -187,13 +191,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
             sampled = neg[torch.randperm(len(neg), generator=sampler, device=device)[:per_step]]
             gate_in = torch.cat([pos, sampled, *hard_rows])
         step_in = torch.cat([delta_in, sampled, *hard_rows]) if still and per_step else delta_in
-        if solved:  # a constant: the map is not trained
-            if step == 0 or (still and per_step):
-                with torch.no_grad():
-                    fixed_delta = adapter.delta(step_in)
-            delta = fixed_delta
-        else:
-            delta = adapter.delta(step_in)
+        delta = fixed_delta if solved else adapter.delta(step_in)
         agg = aggregation_loss(pos + delta[:n_pos], target, rep.aggregation, rep.aggregation_abs)
         cons = delta[n_pos:n_fit].pow(2).sum(-1).mean() / k_star_norm
         if use_gate:

@@ -276,6 +276,10 @@ def value_fitted_on_variants(backend_apply, fits: dict) -> Iterator[bool]:
         return optimise_value(model, tok, request, hparams, layer, left_vector, context_templates,
                               fit_of(request))
 
+    # the anchors' shares read the left vector, so backends that build it themselves (R-ROME and
+    # EMMET, where written from their papers) hand it along their update's direction
+    compute_v.uses_update_direction = True
+
     def compute_z(model, tok, request, hparams, layer, context_templates, *a, **kw):
         return optimise_target(model, tok, request, hparams, layer, context_templates, fit_of(request))
 

@@ -180,3 +180,43 @@ def _subject_key(model, tok, text, end, module):
 def _next_token_log_probs(model, tok, text):
     with torch.no_grad():
         return torch.log_softmax(model(**tok(text, return_tensors="pt")).logits[0, -1].float(), -1)
+
+
+@pytest.mark.parametrize("alg", ["REP-R-ROME", "REP-EMMET"])
+def test_anchor_shares_are_the_updates_own_with_covariance(alg, tiny_model, tokenizer, tmp_path):
+    """With covariance, R-ROME's and EMMET's update writes along C⁻¹k, not k: an anchor's reported
+    share is what the update they then compute gives its key, relative to the edit's own key."""
+    from conftest import tiny_hparams_dict
+    from rep_easyedit import REPHyperParams
+    from rep_easyedit.backends_extra import emmet, r_rome
+    from rep_easyedit.backends_extra.common import prompt_key_and_output
+    from rep_easyedit.covariance import build_stats
+    from rep_easyedit.robust_value import _token_keys, value_fitted_on_variants
+
+    tiny_model.config._name_or_path = f"tiny-llama-shares-{alg}"
+    raw = tiny_hparams_dict(alg, tmp_path, model_name="tiny", layers=[1], lm_head_module="lm_head",
+                            mom2_n_samples=1000, v_num_grad_steps=3, mom2_adjustment=True)
+    hp = REPHyperParams.from_dict(raw).backend_hparams()
+    build_stats(tiny_model, tokenizer, hp, [1], [f"Some text {i} about cars, towns and {i * 7} rivers."
+                                                 for i in range(40)], progress=False)
+    request = {"prompt": "{} is produced by", "subject": REQ["subject"], "target_new": " BMW",
+               "ground_truth": "Ferrari"}
+    anchor = "Ferrari F40"
+    fit = VariantFit(anchors=(anchor,), anchor_max_share=1e9)
+    fits = {(request["prompt"].format(request["subject"]), request["subject"]): fit}
+    backend, execute = ((r_rome.apply_r_rome_to_model, lambda: r_rome.execute_r_rome(
+        tiny_model, tokenizer, dict(request), hp)) if alg == "REP-R-ROME" else
+        (emmet.apply_emmet_to_model, lambda: emmet.execute_emmet(tiny_model, tokenizer, [dict(request)], hp)))
+    with value_fitted_on_variants(backend, fits):
+        (update,) = execute().values()
+
+    down = tiny_model.model.layers[1].mlp.down_proj
+    text = request["prompt"].format(anchor)
+    k_a = _token_keys(tiny_model, tokenizer, [text], down)[0][
+        subject_last_index(tokenizer, text, len(anchor))].double()
+    k_p = prompt_key_and_output(tiny_model, tokenizer, request, hp, 1)[0].double()
+    delta = update.delta.double().cpu()
+    on_edit = delta @ k_p
+    actual = float((delta @ k_a) @ on_edit / (on_edit @ on_edit))
+    assert fit.report["anchor_shares"][anchor] == pytest.approx(actual, abs=2e-3)
+    assert abs(float(k_a @ k_p / (k_p @ k_p)) - actual) > 0.01  # what k_p's direction would report (5 × the tolerance)

@@ -240,16 +240,25 @@ def prompt_key_and_output(model, tok, request: dict, hparams, layer: int):
     return k_p, out_p
 
 
-def rome_value(model, tok, request: dict, hparams, layer: int, templates):
+def rome_value(model, tok, request: dict, hparams, layer: int, templates,
+               direction: Optional[typing.Callable[[torch.Tensor], torch.Tensor]] = None):
     """ROME's value optimisation (installed `compute_v`); returns (v*, k_p, W k_p + b), float32.
 
     `v* = W k_p + b + delta`, the down-projection output at the unprefixed prompt plus the shift
     the optimisation found (added at the MLP output at the fact token of every template).
+
+    `direction(k_p)`: the row direction of the backend's update (C⁻¹k for R-ROME and EMMET with
+    covariance), asked for only when the installed `compute_v` reads its left vector beyond the
+    division (`uses_update_direction`: the variant-aware fit, whose anchors take the update's
+    share uᵀk / uᵀk_p). Without it the left vector is along k_p, exact when C = I.
     """
     compute_v_mod = easyedit_module("models.rome.compute_v")
     k_p, out_p = prompt_key_and_output(model, tok, request, hparams, layer)
-    # with this left vector compute_v's division factor is (numerically) 1
-    left = (k_p.float() / k_p.float().dot(k_p.float())).to(k_p.dtype)
+    d = k_p.float()
+    if direction is not None and getattr(compute_v_mod.compute_v, "uses_update_direction", False):
+        d = direction(k_p).float().to(d.device)
+    # normalised so that compute_v's division factor k_pᵀ left is (numerically) 1
+    left = (d / d.dot(k_p.float())).to(k_p.dtype)
     right = compute_v_mod.compute_v(model, tok, request, hparams, layer, left,
                                     flat_templates(templates))
     factor = torch.dot(k_p, left).float()

@@ -111,7 +111,13 @@ def execute_emmet(model, tok, requests, hparams, context_templates=None) -> Dict
             LOG.info("EMMET layer %d objective: %s", layer, objective)
         return delta, objective
 
-    return execute_layered(model, tok, requests, hparams, rule, ALG_NAME, context_templates)
+    def value_direction(layer, key):  # a lone request's row direction in Δ: C0⁻¹k
+        dt = _c.linalg_dtype(key.device)
+        c0 = preservation_matrix(model, tok, hparams, layer, key.shape[0], key.device, dt)
+        return key.to(dt) if c0 is None else torch.linalg.solve(c0, key.to(dt))
+
+    return execute_layered(model, tok, requests, hparams, rule, ALG_NAME, context_templates,
+                           value_direction)
 
 
 def apply_emmet_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,

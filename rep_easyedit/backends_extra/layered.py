@@ -82,8 +82,11 @@ def _layer_outputs(model, tok, requests, hparams, layer: int) -> torch.Tensor:
 
 
 def execute_layered(model, tok, requests, hparams, update_rule: UpdateRule, alg_name: str,
-                    context_templates=None) -> Dict[str, LayerUpdate]:
-    """Compute each edited layer's update for a batch of requests; the model is left unchanged."""
+                    context_templates=None, value_direction=None) -> Dict[str, LayerUpdate]:
+    """Compute each edited layer's update for a batch of requests; the model is left unchanged.
+
+    `value_direction(layer, key)`: the row direction the update gives one request's key at the
+    value's layer (EMMET: C0⁻¹k), for a value fit that reads it (`common.rome_value`)."""
     requests = [_c.normalise_request(r) for r in _c.as_request_list(requests)]
     if not requests:
         raise ValueError(f"{alg_name}: no requests")
@@ -101,7 +104,11 @@ def execute_layered(model, tok, requests, hparams, update_rule: UpdateRule, alg_
         # the value optimisation, once per request, at the last edited layer
         shifts = []
         for r in requests:
-            v_star, _k_p, out_p = _c.rome_value(model, tok, r, hparams, z_layer, flat)
+            direction = None
+            if value_direction is not None:
+                def direction(_k_p, r=r):
+                    return value_direction(z_layer, batch_keys(model, tok, [r], hparams, z_layer, groups)[:, 0])
+            v_star, _k_p, out_p = _c.rome_value(model, tok, r, hparams, z_layer, flat, direction)
             shifts.append(v_star - out_p)
         shifts = torch.stack(shifts, 1)                       # D: (out, B)
         z = _layer_outputs(model, tok, requests, hparams, z_layer) + shifts if len(layers) > 1 else None

@@ -128,11 +128,16 @@ def execute_r_rome(model, tok, request: dict, hparams, context_templates=None) -
             w = edited_weight(model, hparams, layer)
             originals.remember(w)
             k_avg = average_key(model, tok, request, hparams, layer, templates)
-            v_star, k_p, out_p = rome_value(model, tok, request, hparams, layer, templates)
+            mom2 = second_moment(model, tok, hparams, layer) if hparams.mom2_adjustment else None
             dev = w.param.device
             dt = linalg_dtype(dev)
+
+            def direction(k_p, k_avg=k_avg, mom2=mom2):  # the row direction of Δ below: C⁻¹k_n
+                num = (k_p if mode == "prompt" else k_avg).to(device=dev, dtype=dt)
+                return num if mom2 is None else torch.linalg.solve(mom2.to(device=dev, dtype=dt), num)
+
+            v_star, k_p, out_p = rome_value(model, tok, request, hparams, layer, templates, direction)
             k_avg, k_p, v_star, out_p = (x.to(device=dev, dtype=dt) for x in (k_avg, k_p, v_star, out_p))
-            mom2 = second_moment(model, tok, hparams, layer) if hparams.mom2_adjustment else None
             if mode == "random_prefix":      # R-ROME: k* everywhere
                 num, den, base, key = k_avg, k_avg, w.output(k_avg), k_avg
             elif mode == "prompt":           # the prompt's key everywhere

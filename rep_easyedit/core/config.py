@@ -92,8 +92,8 @@ class REPConfig:
     # > 0 (ROME's value): this many names of the subject's kind, sampled from the model as for
     # kin_negatives, enter that fit as neighbours that receive the update's share of the shift, their
     # next-token KL from the unedited model weighted value_anchor_weight (robust_value.VariantFit).
-    # The share is uᵀk / uᵀk* along the left vector the backend hands ROME's compute_v: ROME's own u
-    # (exact); R-ROME and EMMET hand k_p / ‖k_p‖², exact without covariance, C⁻¹-blind with it
+    # The share is uᵀk / uᵀk* along the left vector the backend hands ROME's compute_v: ROME's own u;
+    # R-ROME's and EMMET's update direction C⁻¹k (EMMET: a lone request's, C0⁻¹k)
     value_anchors: int = 0
     value_anchor_weight: float = 1.0
     # an anchor whose key at its last token gets more than this share of the update (uᵀk/uᵀk*) is

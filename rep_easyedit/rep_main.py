@@ -243,12 +243,6 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
                   "corpus_negatives": corpus_source or "none"}
-    if kin and rep.kin_max_share > 0:  # kin keys are the last len(kin) hard rows
-        shares = hard[len(hard) - len(kin):] @ target / (target @ target)
-        keep = torch.cat([torch.ones(len(hard) - len(kin), dtype=torch.bool, device=device),
-                          shares <= rep.kin_max_share])
-        collection["kin_left_out"] = [n for n, x in zip(kin, shares.tolist()) if x > rep.kin_max_share]
-        hard = hard[keep] if bool(keep.any()) else None
     return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection,
                         hard_negatives=hard)
 

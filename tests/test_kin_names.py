@@ -107,26 +107,6 @@ def test_kin_names_are_hard_negatives_keyed_at_their_last_token(tiny_model, toke
                               exclude=training_variants(dict(REQ), pert, rep.train_on))
 
 
-def test_a_kin_name_the_update_reaches_anyway_is_left_out(tiny_model, tokenizer):
-    """`rep.kin_max_share`: a name whose key lies at least that far along k* (the subject itself
-    in another name's place: share 1) is dropped from the hard negatives and reported; the others
-    stay, in order."""
-    key_cache.clear_memory()
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40, kin_negatives=2)
-    pert = build_perturbations(dict(REQ), tokenizer, [], n_shuffles=3, n_long=0, long_tokens=24)
-    args = (tiny_model, tokenizer, dict(REQ), pert, [["{}"]], PATH)
-    kin = ["Stuttgart", REQ["subject"]]
-    kept = gather_training_keys(*args, base, [], np.random.default_rng(3), kin=kin)
-    capped = gather_training_keys(*args, dataclasses.replace(base, kin_max_share=0.5), [],
-                                  np.random.default_rng(3), kin=kin)
-    share = kept.hard_negatives @ kept.target / (kept.target @ kept.target)
-    assert share[1].item() == pytest.approx(1.0, abs=1e-4) and share[0].item() < 0.5
-    assert capped.collection["kin_left_out"] == [REQ["subject"]]
-    assert torch.equal(capped.hard_negatives, kept.hard_negatives[:1])
-    with pytest.raises(ValueError, match="kin_max_share"):
-        REPConfig(kin_max_share=-1).check()
-
-
 @pytest.mark.real_model
 def test_kin_names_keep_the_gate_off_the_demo_cases_neighbours(real_model, dev_cases):
     """The demo's case (808, "Mercator Ice Piedmont" on SmolLM2): without kin names the gate fires on

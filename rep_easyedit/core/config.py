@@ -83,10 +83,6 @@ class REPConfig:
     # this many names of the subject's kind, sampled from the model itself (a list continued after the
     # old fact: "BMW E31" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
     kin_negatives: int = 0
-    # > 0: a kin name whose key at its last token lies this far or further along k* (kᵀk* / k*ᵀk*, the
-    # share a C = I update gives it) is left out of the negatives: the update reaches it whatever the
-    # gate does, and rejecting a near-copy of the subject costs the gate held-out variants; 0 = keep all
-    kin_max_share: float = 0.0
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value over the in-domain variant prompts as well (ROME's v*
     # for ROME, R-ROME and EMMET, MEMIT's z); see rep_easyedit/robust_value.py
@@ -146,8 +142,6 @@ class REPConfig:
             raise ValueError("rep.value_anchors, rep.value_anchor_weight and rep.value_anchor_max_share "
                              f"must be >= 0, got {self.value_anchors}, {self.value_anchor_weight} and "
                              f"{self.value_anchor_max_share}")
-        if self.kin_max_share < 0:
-            raise ValueError(f"rep.kin_max_share must be >= 0 (0 = keep every kin name), got {self.kin_max_share}")
         if self.value_variant_weight <= 0 or self.value_variant_templates < 1:
             raise ValueError("rep.value_variant_weight must be > 0 and rep.value_variant_templates >= 1, got "
                              f"{self.value_variant_weight} and {self.value_variant_templates}")

@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="rep field=value; one setting per --set "
                                                               "(comma-separated fields within one)")
     ap.add_argument("--activation", action="store_true", help="also the edit's share a = uᵀk (see above)")
+    ap.add_argument("--kin-fire", type=int, default=0, metavar="N",
+                    help="also `kin_fire`: share of N names of the subject's kind (sampled as rep.kin_negatives "
+                         "samples them, in the edit prompt, last token) on which the gate fires")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -137,6 +140,14 @@ def main() -> None:
                     positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
                     probes[name] = (texts, positions)
                 probes["neighbour"] = (neighbours, [None] * len(neighbours))
+                if args.kin_fire:
+                    if "kin" not in keys_cache:
+                        from rep_easyedit.rep_main import request_kin_names
+                        keys_cache["kin"] = request_kin_names(model, tok, dict(request), pert, rep, count=args.kin_fire)
+                    kin = keys_cache["kin"]
+                    texts = [with_subject(prompt, request["subject"], v) for v in kin]
+                    positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in kin])
+                    probes["kin"] = (texts, positions)
                 row = {"index": idx, "case_id": record["case_id"], "set": setting}
                 mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
                 for path, adapter, report in fitted:
@@ -159,6 +170,8 @@ def main() -> None:
                             row.setdefault("neighbour_hit", []).append(mean([x > 0.5 for x in act]))
                             row.setdefault("neighbour_hit_base", []).append(mean([x > 0.5 for x in base]))
                     row.setdefault("steps", []).append(report.steps)
+                    if args.kin_fire:
+                        row["kin_names"] = keys_cache["kin"]
                     row.setdefault("train_s", []).append(round(report.seconds_train, 3))
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -1,4 +1,4 @@
-"""Where REP-ROME's locality loss comes from: the gate, or a different weight update.
+"""Where REP-ROME's (or REP-<alg>'s, `--alg`) locality loss comes from: the gate, or a different weight update.
 
 For each case: ROME's edit and REP-ROME's edit (same seed) are scored on the neighbourhood
 prompts (locality against the unedited model, per prompt); REP-ROME is scored three ways:
@@ -78,6 +78,7 @@ def max_gates(model, tok, prompts):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="18,27,57,97", help="indices into the dev file")
+    ap.add_argument("--alg", default="ROME", help="the base method; REP-<alg> is probed against it (ROME, R-ROME, EMMET)")
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma3-270m (hparams/<ALG>/<model>.yaml)")
     ap.add_argument("--data", default=None, help="default: the model's CounterFact dev set")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/probe_locality.jsonl"))
@@ -95,25 +96,26 @@ def main() -> None:
     model, tok = load_model_and_tokenizer(args.model)
     data = args.data or str(ROOT / f"data/counterfact_{args.model.split('-')[0]}_dev.json")
     records = json.loads(Path(data).read_text())
-    hps = {a: load_hparams(ROOT / f"hparams/{a}/{args.model}.yaml") for a in ("ROME", "REP-ROME")}
+    base, rep_alg = args.alg, f"REP-{args.alg}"
+    hps = {a: load_hparams(ROOT / f"hparams/{a}/{args.model}.yaml") for a in (base, rep_alg)}
     for change in args.rep_set:
         field, value = change.split("=", 1)
-        if not hasattr(hps["REP-ROME"].rep, field):
+        if not hasattr(hps[rep_alg].rep, field):
             raise SystemExit(f"--rep-set: REPConfig has no field {field!r}")
-        setattr(hps["REP-ROME"].rep, field, yaml.safe_load(value))
-    hps["REP-ROME"].rep.check()
+        setattr(hps[rep_alg].rep, field, yaml.safe_load(value))
+    hps[rep_alg].rep.check()
     for idx in [int(i) for i in args.cases.split(",")]:
         case = records[idx]
         ref = locality_reference(model, tok, case)
         state = snapshot(model)
         torch.manual_seed(0)
-        apply_edit(model, tok, [edit_request(case)], hps["ROME"])
+        apply_edit(model, tok, [edit_request(case)], hps[base])
         rome = per_prompt_locality(model, tok, case, ref)
         rome_weights = {n: p.detach().clone() for n, p in model.named_parameters()
                         if not torch.equal(p, state[n])}
         restore_snapshot(model, state)
         torch.manual_seed(0)
-        apply_edit(model, tok, [edit_request(case)], hps["REP-ROME"])
+        apply_edit(model, tok, [edit_request(case)], hps[rep_alg])
         rep = per_prompt_locality(model, tok, case, ref)
         gates = max_gates(model, tok, [p for p, _ in ref["pairs"]])
         with pathway_off(model):
@@ -128,7 +130,7 @@ def main() -> None:
                          (rome_weights[n] - state[n]).norm().item() for n in rome_weights)
         remove_pathways(model)
         restore_snapshot(model, state)
-        row = {"index": idx, "case_id": case["case_id"], "model": args.model, "rep_set": args.rep_set,
+        row = {"index": idx, "case_id": case["case_id"], "model": args.model, "alg": base, "rep_set": args.rep_set,
                "rome": rome, "rep": rep,
                "rep_weights_only": rep_weights_only, "rome_weights_rep_pathway": rome_weights_rep_pathway,
                "max_gate": gates, "update_gap": update_gap,

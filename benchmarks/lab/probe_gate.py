@@ -72,6 +72,23 @@ def edit_direction(model, tok, request, template_groups, path, base_hp, layer):
     return w / (k_star @ w)
 
 
+def probe_setup(alg: str, model_name: str, data: str | None, cases: str):
+    """(hparams, dev records a..b, model, tokenizer, backend, backend hparams, edited module paths)."""
+    from rep_easyedit.backends import get_backend
+    from rep_easyedit.editing import load_hparams
+    from rep_easyedit.model_loading import load_model_and_tokenizer
+    from rep_easyedit.rep_main import edited_module_paths
+
+    hp = load_hparams(ROOT / f"hparams/{alg}/{model_name}.yaml")
+    data = data or str(ROOT / f"data/counterfact_{model_name.split('-')[0]}_dev.json")
+    a, b = (int(x) for x in cases.split("-"))
+    records = json.loads(Path(data).read_text())[a:b + 1]
+    model, tok = load_model_and_tokenizer(hp.model_name)
+    backend = get_backend(hp.backend_name)
+    base_hp = hp.backend_hparams(backend)
+    return hp, records, model, tok, backend, base_hp, edited_module_paths(model, base_hp)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alg", default="REP-ROME")
@@ -88,25 +105,17 @@ def main() -> None:
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
-    from rep_easyedit.backends import get_backend, templates_keyed_by_model
+    from rep_easyedit.backends import templates_keyed_by_model
     from rep_easyedit.compat.easyedit import shims_applied
     from rep_easyedit.core.devices import padding_side
     from rep_easyedit.core.keys import subject_last_indices
     from rep_easyedit.core.perturbations import build_perturbations, with_subject
     from rep_easyedit.corpus import load_corpus
-    from rep_easyedit.editing import load_hparams
     from rep_easyedit.eval.runner import edit_request
-    from rep_easyedit.model_loading import load_model_and_tokenizer
-    from rep_easyedit.rep_main import edited_module_paths, fit_adapters
+    from rep_easyedit.rep_main import fit_adapters
 
-    hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
-    data = args.data or str(ROOT / f"data/counterfact_{args.model.split('-')[0]}_dev.json")
+    hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, args.data, args.cases)
     a, b = (int(x) for x in args.cases.split("-"))
-    records = json.loads(Path(data).read_text())[a:b + 1]
-    model, tok = load_model_and_tokenizer(hp.model_name)
-    backend = get_backend(hp.backend_name)
-    base_hp = hp.backend_hparams(backend)
-    paths = edited_module_paths(model, base_hp)
     settings = [dict(kv.split("=", 1) for kv in s.split(",")) for s in args.set] or [{}]
     corpus = load_corpus(hp.rep.corpus, model, tok, seed=hp.rep.seed)
     out = Path(args.out)

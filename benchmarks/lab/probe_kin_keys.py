@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,29 +34,20 @@ def main() -> None:
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
-    from rep_easyedit.backends import get_backend, templates_keyed_by_model
+    from rep_easyedit.backends import templates_keyed_by_model
     from rep_easyedit.compat.easyedit import shims_applied
     from rep_easyedit.core.devices import padding_side
     from rep_easyedit.core.keys import subject_last_indices
     from rep_easyedit.core.perturbations import build_perturbations, with_subject
     from rep_easyedit.corpus import load_corpus
-    from rep_easyedit.editing import load_hparams
     from rep_easyedit.eval.runner import edit_request
-    from rep_easyedit.model_loading import load_model_and_tokenizer
-    from rep_easyedit.rep_main import edited_module_paths, request_kin_names
+    from rep_easyedit.rep_main import request_kin_names
 
-    import sys
     sys.path.insert(0, str(Path(__file__).parent))
-    from probe_gate import edit_direction, keys_at
+    from probe_gate import edit_direction, keys_at, probe_setup
 
-    hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
-    data = ROOT / f"data/counterfact_{args.model.split('-')[0]}_dev.json"
+    hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, None, args.cases)
     a, b = (int(x) for x in args.cases.split("-"))
-    records = json.loads(Path(data).read_text())[a:b + 1]
-    model, tok = load_model_and_tokenizer(hp.model_name)
-    backend = get_backend(hp.backend_name)
-    base_hp = hp.backend_hparams(backend)
-    paths = edited_module_paths(model, base_hp)
     layer, path = next(iter(paths.items()))
     rep = dataclasses.replace(hp.rep, kin_negatives=args.kin)
     corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)

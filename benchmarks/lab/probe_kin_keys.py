@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -43,8 +42,7 @@ def main() -> None:
     from rep_easyedit.eval.runner import edit_request
     from rep_easyedit.rep_main import request_kin_names
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from probe_gate import edit_direction, keys_at, probe_setup
+    from probe_gate import edit_direction, keys_at, probe_setup  # run as a script, its folder is on sys.path
 
     hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, None, args.cases)
     a, b = (int(x) for x in args.cases.split("-"))

@@ -73,7 +73,7 @@ def edit_direction(model, tok, request, template_groups, path, base_hp, layer):
 
 
 def probe_setup(alg: str, model_name: str, data: str | None, cases: str):
-    """(hparams, dev records a..b, model, tokenizer, backend, backend hparams, edited module paths)."""
+    """(hparams, [(dev index, record)] for a..b, model, tokenizer, backend, backend hparams, edited module paths)."""
     from rep_easyedit.backends import get_backend
     from rep_easyedit.editing import load_hparams
     from rep_easyedit.model_loading import load_model_and_tokenizer
@@ -82,7 +82,7 @@ def probe_setup(alg: str, model_name: str, data: str | None, cases: str):
     hp = load_hparams(ROOT / f"hparams/{alg}/{model_name}.yaml")
     data = data or str(ROOT / f"data/counterfact_{model_name.split('-')[0]}_dev.json")
     a, b = (int(x) for x in cases.split("-"))
-    records = json.loads(Path(data).read_text())[a:b + 1]
+    records = list(zip(range(a, b + 1), json.loads(Path(data).read_text())[a:b + 1]))
     model, tok = load_model_and_tokenizer(hp.model_name)
     backend = get_backend(hp.backend_name)
     base_hp = hp.backend_hparams(backend)
@@ -115,7 +115,6 @@ def main() -> None:
     from rep_easyedit.rep_main import fit_adapters
 
     hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, args.data, args.cases)
-    a, b = (int(x) for x in args.cases.split("-"))
     settings = [dict(kv.split("=", 1) for kv in s.split(",")) for s in args.set] or [{}]
     corpus = load_corpus(hp.rep.corpus, model, tok, seed=hp.rep.seed)
     out = Path(args.out)
@@ -126,7 +125,7 @@ def main() -> None:
     with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
         torch.manual_seed(0)  # as the runner (`seed: 0`) before the edit that first samples them
         templates = backend.context_templates(model, tok, base_hp)
-        for idx, record in zip(range(a, b + 1), records):
+        for idx, record in records:
             request = edit_request(record)
             prompt = request["prompt"]
             start = prompt.index(request["subject"])
@@ -158,6 +157,8 @@ def main() -> None:
                     positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in kin])
                     probes["kin"] = (texts, positions)
                 row = {"index": idx, "case_id": record["case_id"], "set": setting}
+                if args.kin_fire:
+                    row["kin_names"] = keys_cache["kin"]
                 mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
                 for path, adapter, report in fitted:
                     adapter.eval()
@@ -179,8 +180,6 @@ def main() -> None:
                             row.setdefault("neighbour_hit", []).append(mean([x > 0.5 for x in act]))
                             row.setdefault("neighbour_hit_base", []).append(mean([x > 0.5 for x in base]))
                     row.setdefault("steps", []).append(report.steps)
-                    if args.kin_fire:
-                        row["kin_names"] = keys_cache["kin"]
                     row.setdefault("train_s", []).append(round(report.seconds_train, 3))
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -45,7 +45,6 @@ def main() -> None:
     from probe_gate import edit_direction, keys_at, probe_setup  # run as a script, its folder is on sys.path
 
     hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, None, args.cases)
-    a, b = (int(x) for x in args.cases.split("-"))
     layer, path = next(iter(paths.items()))
     rep = dataclasses.replace(hp.rep, kin_negatives=args.kin)
     corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
@@ -56,7 +55,7 @@ def main() -> None:
     with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
         torch.manual_seed(0)
         templates = backend.context_templates(model, tok, base_hp)
-        for idx, record in zip(range(a, b + 1), records):
+        for idx, record in records:
             if record["case_id"] in done:
                 continue
             request = edit_request(record)

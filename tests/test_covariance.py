@@ -105,7 +105,8 @@ def test_easyedit_layer_stats_reads_our_files(model, tok, tmp_path, dtype):
             ls_mod.load_dataset = orig
         moment = stat.mom2.moment()
         assert stat.mom2.count == ref_n
-        tol = 1e-10 if dtype == "float64" else 1e-5
+        # float64 sums of float32 keys: the batch order (thread count) moves them by ~1e-10
+        tol = 1e-9 if dtype == "float64" else 1e-5
         torch.testing.assert_close(moment.double(), ref_sum / ref_n, rtol=tol, atol=tol)
 
         from rep_easyedit.covariance import load_inverse_covariance

@@ -130,6 +130,29 @@ def test_legacy_memit_edits_every_layer(model, tokenizer, tmp_path):
     assert _unchanged(model, state)
 
 
+@pytest.mark.parametrize("alg", ["MEMIT", "ROME"])
+def test_easyedits_own_methods_name_missing_statistics_before_editing(tiny_model, tokenizer, tmp_path,
+                                                                       monkeypatch, alg):
+    """EasyEdit's MEMIT (always) and ROME (`mom2_adjustment: true`) with no statistics on disk and no
+    way to build them (`datasets` absent, or offline): the error names the files and the offline
+    command, through `ALG_DICT` as `BaseEditor` calls it, and the model is as it was. Without the
+    check, the edit failed inside `layer_stats` with an ImportError about `datasets`."""
+    from rep_easyedit.compat.easyedit import installed_algorithm
+    from rep_easyedit.covariance import MissingCovarianceError
+    from rep_easyedit.editing import load_hparams
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # whether or not `datasets` is installed here
+    tiny_model.config._name_or_path = "tiny-llama-no-stats"
+    path = tmp_path / f"{alg}.yaml"
+    path.write_text(yaml.safe_dump(_raw(alg, tmp_path, layers=[1], mom2_adjustment=True)))
+    hp = load_hparams(path)
+    apply = installed_algorithm(alg)
+    state, hooks = _state(tiny_model), _hooks(tiny_model)
+    with pytest.raises(MissingCovarianceError, match=r"(?s)layer 1: .*rep_easyedit\.stats --hparams"):
+        apply(tiny_model, tokenizer, [dict(REQ)], hp, copy=False, return_orig_weights=True)
+    assert _unchanged(tiny_model, state) and _hooks(tiny_model) == hooks
+
+
 # -- REP-MEMIT ------------------------------------------------------------------------------------
 
 def _restore_as_easyedit(edited, weights_copy, state):

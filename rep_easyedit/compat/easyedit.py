@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import inspect
 import os
 import sys
@@ -34,6 +35,7 @@ def easyeditor():
         _state["shims"] = DeviceLiteralShims(_SHIM_PREFIXES,
                                              extra_rewrites=tuple(r for r in rewrites if r))
         _shim_alg_dict_entries(_state["shims"])
+        _guard_statistics_entries()
     return _state["module"]
 
 
@@ -66,6 +68,55 @@ def _shim_alg_dict_entries(shims: DeviceLiteralShims) -> list[str]:
             d[name] = make(fn, patched.get(id(fn), fn))
             wrapped.append(name)
     return wrapped
+
+
+# EasyEdit's own methods that read covariance statistics whatever `mom2_adjustment` says
+_ALWAYS_READ_STATISTICS = ("MEMIT", "PMET", "AlphaEdit")
+
+
+def _easyedit_can_build_statistics() -> bool:
+    """EasyEdit builds missing statistics itself by downloading Wikipedia through `datasets`: only
+    where that package is installed and the Hugging Face hub is not switched off."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE",
+                                                                           "HF_HUB_OFFLINE")):
+        return False
+    try:
+        return importlib.util.find_spec("datasets") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _guard_statistics_entries() -> list[str]:
+    """EasyEdit's own ROME (with `mom2_adjustment`) and MEMIT-family methods load covariance
+    statistics mid-edit, and where the file is missing try to build it from Wikipedia. Without
+    `datasets` (or offline) that fails deep inside `layer_stats` with an error about an optional
+    package. Each such entry of `ALG_DICT` checks first and raises `MissingCovarianceError`, which
+    names the files and the offline command, before anything is computed or written. Our own
+    backends check for themselves. Returns the names guarded."""
+    guarded = []
+    for d in alg_dicts():
+        for name, fn in list(d.items()):
+            original = getattr(fn, "__rep_easyedit_original__", fn)
+            if getattr(fn, "__rep_easyedit_statistics_guard__", False) or \
+                    not str(getattr(original, "__module__", "")).startswith("easyeditor"):
+                continue
+
+            def make(name, fn, original):
+                @functools.wraps(fn)
+                def apply_with_statistics_check(model, tok, requests, hparams, *args, **kwargs):
+                    reads = name in _ALWAYS_READ_STATISTICS or bool(getattr(hparams, "mom2_adjustment", False))
+                    if reads and not _easyedit_can_build_statistics():
+                        from ..covariance import require_stats
+
+                        require_stats(model, hparams, getattr(hparams, "layers", None) or [])
+                    return fn(model, tok, requests, hparams, *args, **kwargs)
+                apply_with_statistics_check.__rep_easyedit_original__ = original
+                apply_with_statistics_check.__rep_easyedit_statistics_guard__ = True
+                return apply_with_statistics_check
+
+            d[name] = make(name, fn, original)
+            guarded.append(name)
+    return guarded
 
 
 def device_shims() -> DeviceLiteralShims:

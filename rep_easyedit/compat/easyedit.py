@@ -97,8 +97,8 @@ def _guard_statistics_entries() -> list[str]:
     for d in alg_dicts():
         for name, fn in list(d.items()):
             original = getattr(fn, "__rep_easyedit_original__", fn)
-            if getattr(fn, "__rep_easyedit_statistics_guard__", False) or \
-                    not str(getattr(original, "__module__", "")).startswith("easyeditor"):
+            if getattr(fn, "__rep_easyedit_statistics_guard__", False) or not inspect.isfunction(original) \
+                    or not str(getattr(original, "__module__", "")).startswith("easyeditor"):
                 continue
 
             def make(name, fn, original):

@@ -384,6 +384,16 @@ def test_runner_refuses_to_resume_with_other_settings(tmp_path):
     bf16["config"]["model"]["dtype"] = "bfloat16"
     with pytest.raises(ValueError, match="model_dtype: None → 'bfloat16'"):
         rb.check_resumable(tmp_path, bf16)
+    # the metrics list is a setting too: its order is not, a metric added or left out is
+    stored["config"]["data"] = {"metrics": ["success", "locality", "distract"]}
+    (tmp_path / "run.json").write_text(json.dumps(stored))
+    reordered = json.loads(json.dumps(stored))
+    reordered["config"]["data"]["metrics"] = ["distract", "success", "locality"]
+    rb.check_resumable(tmp_path, reordered)
+    fewer = json.loads(json.dumps(stored))
+    fewer["config"]["data"]["metrics"] = ["success", "locality"]
+    with pytest.raises(ValueError, match=r"data_metrics: \['distract', 'locality', 'success'\] → "):
+        rb.check_resumable(tmp_path, fewer)
 
 
 def test_runner_reads_a_changed_default_for_a_field_the_stored_run_predates(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ For each case: perturbations (the same function and settings REP trains with: th
 `rep:` section, or `REPConfig` defaults for base methods, so base and REP runs see identical
 variants), the pre-edit locality reference, the edit, every metric (rep_easyedit.eval.metrics),
 the restore. One JSON line per case goes to `<out>/cases.jsonl` as soon as it is done; case_ids
-already there are skipped (resume; a run whose settings differ from the out dir's run.json,
+already there are skipped (resume; a run whose settings (hparams, data metrics and scoring) differ from the out dir's run.json,
 the device and seed aside, is refused; each line records both). `shard=i/n` takes every n-th case
 starting at i; shards may share one out dir. At the end `<out>/summary.json` and
 `<out>/summary.md` cover every case in cases.jsonl. `key_similarity=true` (REP methods) also
@@ -151,13 +151,18 @@ def _default_of(key: str):
 def settings_differences(stored: dict, current: dict) -> list[str]:
     """What differs between the run.json that wrote an out dir and this run's, as `key: was → now`.
 
-    Compared: method, model (name, dtype), data, every hparams field but the device, and the
-    perturbation settings. A field the stored run predates counts as its default."""
+    Compared: method, model (name, dtype), data (and its metrics and scoring), every hparams field
+    but the device, and the perturbation settings. A field the stored run predates counts as its
+    default."""
     def relevant(run: dict) -> dict:
         config = run.get("config") or {}
-        model = config.get("model") or {}
+        model, data = config.get("model") or {}, config.get("data") or {}
+        metrics = data.get("metrics")
         picked = {"alg": run.get("alg"), "model": run.get("model"), "data": run.get("data"),
                   "model_dtype": model.get("dtype"), "hparams": run.get("hparams") or {},
+                  # a metric left out of some cases, or scored otherwise, would mix in one summary
+                  "data_metrics": sorted(metrics) if metrics is not None else None,
+                  "data_scoring": data.get("scoring"),
                   "perturbation_settings": run.get("perturbation_settings") or {}}
         return {k: v for k, v in _flatten(picked).items() if k not in _RUN_CONTROL}
 

@@ -23,10 +23,6 @@ class REPConfig:
     # adapter
     rank: int = 32                 # bottleneck r of D -> r -> D
     gate_ratio: float = 0.1        # gate hidden size = ceil(gate_ratio * D)
-    # > 0: the gate's first layer trains inside the top-m singular directions of its training keys
-    # (keys projected once, the layer written back as a D-wide one: the same gate at inference);
-    # 0 = full width. Cheaper steps on wide keys (training.ProjectedGate)
-    gate_subspace: int = 0
     tau: float = 0.9               # hard-gate threshold at inference
     # training (the default recipe: chosen on both bundled models, docs/results.md "The default recipe")
     steps: int = 120               # cap on Adam steps; with adaptive_stop training usually ends earlier
@@ -136,7 +132,7 @@ class REPConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"rep.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("rank", "steps", "min_steps", "n_shuffles", "n_long_contexts", "long_context_tokens",
-                     "num_negatives", "negatives_per_step", "corpus_negative_texts", "gate_subspace", "sibling_negatives", "kin_negatives", "merge_rank",
+                     "num_negatives", "negatives_per_step", "corpus_negative_texts", "sibling_negatives", "kin_negatives", "merge_rank",
                      "merge_negatives_per_edit", "merge_steps"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")

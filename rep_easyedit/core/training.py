@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .adapter import GatedLowRankAdapter
 from .delta_init import least_squares_delta
@@ -86,15 +85,6 @@ def fire_shares(adapter: GatedLowRankAdapter, pos: torch.Tensor, neg: torch.Tens
     return pos_fire, neg_fire
 
 
-def _projected_fire_shares(gate: "ProjectedGate", tau: float, pos_g: torch.Tensor,
-                           neg_g: torch.Tensor) -> tuple[float, float]:
-    """`fire_shares` for a gate training on projected keys."""
-    with torch.no_grad():
-        p = (torch.sigmoid(gate(pos_g)) > tau).float().mean() if len(pos_g) else torch.zeros(())
-        n = (torch.sigmoid(gate(neg_g)) > tau).float().mean() if len(neg_g) else torch.zeros(())
-    return float(p), float(n)
-
-
 def _require_finite(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"REP adapter training diverged (loss={loss.item()}); "
@@ -114,45 +104,6 @@ def freeze(adapter: GatedLowRankAdapter) -> GatedLowRankAdapter:
     for p in adapter.parameters():
         p.requires_grad_(False)
     return adapter
-
-
-class ProjectedGate(nn.Module):
-    """The gate with its first layer restricted to a fixed subspace of the keys (`rep.gate_subspace`).
-
-    A step's cost is the gate's first layer over every training row (D × hidden per row). Here the
-    rows are projected once onto `basis` (D × m, orthonormal columns: the top-m right singular
-    vectors of the training keys) and the layer trains as A (hidden × m); `write_back` stores
-    W = A basisᵀ in the adapter's gate, which then computes on full keys exactly what this module
-    computed on projected ones. The gate's later layers are the adapter's own (shared)."""
-
-    def __init__(self, gate: nn.Sequential, basis: torch.Tensor):
-        super().__init__()
-        first = gate[0]
-        self.basis = basis
-        self.first = nn.Linear(basis.shape[1], first.out_features).to(basis.device)
-        with torch.no_grad():
-            self.first.weight.copy_(first.weight @ basis)
-            self.first.bias.copy_(first.bias)
-        self.rest = gate[1:]
-
-    @staticmethod
-    def top_directions(rows: torch.Tensor, m: int, seed: int) -> torch.Tensor:
-        """[D, m]: the top-m right singular vectors of `rows` (randomised, seeded; the global RNG untouched)."""
-        with torch.random.fork_rng(devices=[rows.device] if rows.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            _, _, v = torch.svd_lowrank(rows, q=min(m + 8, *rows.shape), niter=2)
-        return v[:, :m].contiguous()
-
-    def project(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys @ self.basis
-
-    def forward(self, projected: torch.Tensor) -> torch.Tensor:
-        return self.rest(self.first(projected))
-
-    def write_back(self, gate: nn.Sequential) -> None:
-        with torch.no_grad():
-            gate[0].weight.copy_(self.first.weight @ self.basis.T)
-            gate[0].bias.copy_(self.first.bias)
 
 
 def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
@@ -194,19 +145,6 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
             adapter.up.weight.copy_(up)
     map_weights = {id(adapter.down.weight), id(adapter.up.weight)} if solved else set()
     params = [p for p in adapter.parameters() if p.requires_grad and id(p) not in map_weights]
-    # rep.gate_subspace: the gate trains on projected keys (ProjectedGate); gate_rows maps full rows to
-    # what `gate_fn` reads
-    projected = None
-    width = rep.gate_subspace
-    if rep.gate_weight > 0 and 0 < width < adapter.dim and len(pos) + n_neg > 0:
-        rows = torch.cat([pos, neg, *([hard_neg] if hard_neg is not None else [])])
-        projected = ProjectedGate(adapter.gate, ProjectedGate.top_directions(rows, width, rep.seed))
-        first_layer = {id(p) for p in adapter.gate[0].parameters()}
-        params = [p for p in params if id(p) not in first_layer] + list(projected.first.parameters())
-    gate_fn = projected if projected is not None else adapter.gate
-    gate_rows = projected.project if projected is not None else (lambda rows: rows)
-    pos_g, neg_g = gate_rows(pos), gate_rows(neg)
-    hard_g = None if hard_neg is None else gate_rows(hard_neg)
     if solved and not rep.gate_weight > 0:
         cap = 0  # nothing left to train
     opt = torch.optim.Adam(params, lr=rep.lr) if params else None
@@ -216,16 +154,15 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
     n_fit = n_pos + len(k_star)  # rows of the delta the aggregation and consistency losses read
     k_star_norm = k_star.pow(2).sum(-1).mean()
     use_gate = rep.gate_weight > 0
-    hard_rows = [hard_g] if hard_neg is not None else []  # every step, as a group of their own
+    hard_rows = [hard_neg] if hard_neg is not None else []  # every step, as a group of their own
     hard_zeros = torch.zeros(len(hard_neg), device=device) if hard_neg is not None else None
     stop_neg = neg if hard_neg is None else torch.cat([neg, hard_neg])
-    stop_neg_g = neg_g if hard_neg is None else torch.cat([neg_g, hard_g])
     # keep the negatives' keys in place (a constant when the map is solved: nothing to train)
     still = rep.negative_delta_weight > 0 and len(neg) > 0 and not solved
     ones = torch.ones(n_pos, device=device)
     # a fresh sample of the negatives each step (rep.negatives_per_step), drawn on the device
     per_step = rep.negatives_per_step if use_gate and 0 < rep.negatives_per_step < n_neg else 0
-    gate_in = torch.cat([pos_g, neg_g, *hard_rows]) if use_gate and not per_step else None
+    gate_in = torch.cat([pos, neg, *hard_rows]) if use_gate and not per_step else None
     delta_in = torch.cat([pos, k_star, stop_neg] if still and not per_step else [pos, k_star])
     if solved:  # the map is not trained: its Δ over [positives; k*] is computed once
         with torch.no_grad():
@@ -247,20 +184,18 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         opt.zero_grad(set_to_none=True)
         if screen and step % STOP_CHECK_EVERY == 0 and step:  # one host sync, at the stop check's step
             with torch.no_grad():
-                kept = (torch.sigmoid(gate_fn(neg_g)).squeeze(-1) >= screen).nonzero().squeeze(-1)
-            gate_in = torch.cat([pos_g, neg_g[kept], *hard_rows])
+                kept = (adapter.gate_prob(neg).squeeze(-1) >= screen).nonzero().squeeze(-1)
+            gate_in = torch.cat([pos, neg[kept], *hard_rows])
             n_neg = len(kept)
         if per_step:
-            picked = torch.randperm(len(neg), generator=sampler, device=device)[:per_step]
-            sampled = neg[picked]
-            gate_in = torch.cat([pos_g, neg_g[picked], *hard_rows])
-        step_in = torch.cat([delta_in, sampled, *([hard_neg] if hard_neg is not None else [])]) \
-            if still and per_step else delta_in
+            sampled = neg[torch.randperm(len(neg), generator=sampler, device=device)[:per_step]]
+            gate_in = torch.cat([pos, sampled, *hard_rows])
+        step_in = torch.cat([delta_in, sampled, *hard_rows]) if still and per_step else delta_in
         delta = fixed_delta if solved else adapter.delta(step_in)
         agg = aggregation_loss(pos + delta[:n_pos], target, rep.aggregation, rep.aggregation_abs)
         cons = delta[n_pos:n_fit].pow(2).sum(-1).mean() / k_star_norm
         if use_gate:
-            logits = gate_fn(gate_in).squeeze(-1)
+            logits = adapter.gate(gate_in).squeeze(-1)
             gate = F.binary_cross_entropy_with_logits(logits[:n_pos], ones)
             if screen:  # the kept negatives' BCE summed, over all negatives (the left-out add ~0)
                 gate = gate + F.binary_cross_entropy_with_logits(
@@ -282,8 +217,7 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
                 plateau = (window_start - now) <= rep.stop_plateau * abs(window_start) or \
                     (rep.aggregation == "match" and now <= rep.stop_distance ** 2)
                 if plateau:
-                    pos_fire, neg_fire = (fire_shares(adapter, pos, stop_neg) if projected is None
-                                          else _projected_fire_shares(projected, adapter.tau, pos_g, stop_neg_g))
+                    pos_fire, neg_fire = fire_shares(adapter, pos, stop_neg)
                     if pos_fire >= rep.stop_pos_fire and neg_fire <= rep.stop_neg_fire:
                         break
             window_start = now
@@ -292,8 +226,6 @@ def train_adapter(adapter: GatedLowRankAdapter, keys: TrainingKeys, rep,
         used = step + 1
         kept_rows += n_neg
     _require_finite(loss)
-    if projected is not None:
-        projected.write_back(adapter.gate)
     adapter.eval()
     loss, agg, cons, gate = (t.detach() for t in (loss, agg, cons, gate))
     pos_fire, neg_fire = fire_shares(adapter, pos, neg)

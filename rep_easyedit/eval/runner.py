@@ -14,9 +14,8 @@ variants), the pre-edit locality reference, the edit, every metric (rep_easyedit
 the restore. One JSON line per case goes to `<out>/cases.jsonl` as soon as it is done; case_ids
 already there are skipped (resume; a run whose settings (hparams, data metrics and scoring) differ
 from the out dir's run.json, the device and seed aside, is refused; each line records both).
-`shard=i/n` takes every n-th case
-starting at i; shards may share one out dir. At the end `<out>/summary.json` and
-`<out>/summary.md` cover every case in cases.jsonl. `key_similarity=true` (REP methods) also
+`shard=i/n` takes every n-th case starting at i; shards may share one out dir. At the end
+`<out>/summary.json` and `<out>/summary.md` cover every case in cases.jsonl. `key_similarity=true` (REP methods) also
 stores, per case, the whitened key similarities before/after the pathway, for
 `benchmarks/compare_runs.py`.
 

@@ -29,7 +29,7 @@ from .core.merging import KEPT, KeysNotKept, merge_in_place, slimmed
 from .core.keys import collect_keys_flat, subject_last_index, subject_last_indices
 from .core.devices import padding_side
 from .core.pathway import detach_adapter, get_module, install, pathway_installed, prune_inactive
-from .core.perturbations import (Perturbations, build_perturbations, partial_subjects, sibling_subjects, subject_forms, with_context,
+from .core.perturbations import (Perturbations, build_perturbations, partial_subjects, sibling_subjects, with_context,
                                  with_subject)
 from .core.requests import validate_requests
 from .core.replay import BlockReplay
@@ -140,8 +140,6 @@ def training_variants(request: dict, pert: Perturbations, train_on: list[str]) -
         variants += pert.rephrase_in
     if "shuffle" in train_on:
         variants += pert.shuffle_in
-    if "forms" in train_on:
-        variants += subject_forms(request["subject"])
     return list(dict.fromkeys(variants))
 
 

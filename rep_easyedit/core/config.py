@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-TRAIN_ON_CHOICES = ("subject", "rephrase", "shuffle", "long", "forms")
+TRAIN_ON_CHOICES = ("subject", "rephrase", "shuffle", "long")
 
 
 # Defaults changed after runs were recorded: field -> the default a run that did not record it ran

@@ -180,20 +180,6 @@ def partial_subjects(tok, subject: str, n: int, rng: np.random.Generator, exclud
     return out
 
 
-def subject_forms(subject: str) -> list[str]:
-    """Surface forms made from the subject string alone, for training (`rep.train_on: [..., forms]`):
-    lower case, with "the", and for names of several words the word orders and short forms that
-    rephrases use ("Legras, Jacques", "J. Legras", "F355 by Ferrari"). Deterministic, no model."""
-    words = subject.split()
-    forms = [subject.lower(), f"the {subject}"]
-    if len(words) >= 2:
-        head, rest = words[0], " ".join(words[1:])
-        forms += [f"{words[-1]}, {' '.join(words[:-1])}", f"{rest} by {head}"]
-        if head.isalpha() and head[0].isupper() and len(head) > 1:
-            forms.append(f"{head[0]}. {rest}")
-    return [f for f in dict.fromkeys(forms) if f != subject]
-
-
 def with_subject(prompt: str, subject: str, variant: str) -> str:
     """The prompt with its subject replaced by a variant."""
     return prompt.replace(subject, variant, 1)

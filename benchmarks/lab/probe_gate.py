@@ -44,6 +44,14 @@ def keys_at(model, tok, path, texts, positions):
     return [keys if pos is None else keys[pos:pos + 1] for keys, pos in zip(flat.per_text(), positions)]
 
 
+def rep_value(default, text: str):
+    """A --set value as the field's type; a list field takes its items joined by "+"
+    (`train_on=subject+rephrase+shuffle+long+forms`)."""
+    if isinstance(default, list):
+        return [item for item in text.split("+") if item]
+    return type(default)(text)
+
+
 def fires(adapter, keys) -> bool:
     """Does the adapter's gate exceed τ at any of these keys?"""
     return bool((adapter.gate_prob(keys) > adapter.tau).any())
@@ -135,7 +143,7 @@ def main() -> None:
                 key = (record["case_id"], json.dumps(setting, sort_keys=True))
                 if key in done:
                     continue
-                rep = dataclasses.replace(hp.rep, **{k: type(getattr(hp.rep, k))(v) for k, v in setting.items()})
+                rep = dataclasses.replace(hp.rep, **{k: rep_value(getattr(hp.rep, k), v) for k, v in setting.items()})
                 pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles,
                                            n_long=rep.n_long_contexts, long_tokens=rep.long_context_tokens,
                                            base_seed=rep.seed)

@@ -10,6 +10,7 @@ weights and hooks are put back as they were before the call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy as copy_module
 import logging
 import time
@@ -242,9 +243,30 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         if hard_texts else None
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
-                  "corpus_negatives": corpus_source or "none"}
+                  "corpus_negatives": corpus_source or "none", "kin_rows": len(kin)}
     return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection,
                         hard_negatives=hard)
+
+
+def train_with_mined_kin(keys: TrainingKeys, rep, make_adapter):
+    """(adapter, report). With `rep.kin_mine`, the sampled names of the subject's kind (the last
+    `kin_rows` hard negatives) are first left out; the names the gate trained without them fires on
+    are kept as hard negatives and a fresh adapter trains with those (steps of both runs reported).
+    Otherwise, one adapter trained on `keys` as they are."""
+    n_kin = int((keys.collection or {}).get("kin_rows", 0))
+    adapter = make_adapter()
+    if not (rep.kin_mine and n_kin and keys.hard_negatives is not None):
+        return adapter, train_adapter(adapter, keys, rep)
+    others, kin = keys.hard_negatives[:-n_kin], keys.hard_negatives[-n_kin:]
+    first = train_adapter(adapter, dataclasses.replace(keys, hard_negatives=others if len(others) else None), rep)
+    with torch.no_grad():
+        firing = kin[adapter.gate_prob(kin).squeeze(-1) > adapter.tau]
+    if not len(firing):
+        return adapter, first
+    adapter = make_adapter()
+    report = train_adapter(adapter, dataclasses.replace(keys, hard_negatives=torch.cat([others, firing])), rep)
+    report.steps += first.steps
+    return adapter, report
 
 
 def request_kin_names(model, tok, request: dict, pert: Perturbations, rep, count: int | None = None,
@@ -296,10 +318,10 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             if inverse_covariance and layer in inverse_covariance:
                 keys.target_whitened = inverse_covariance[layer].to(keys.target.device, torch.float32) @ keys.target
             t_keys = time.perf_counter() - t0 + (0.0 if fitted else t_kin)  # sampling the names counts once
-            adapter = fresh_adapter(keys.positives.shape[-1], rep.rank, rep, pert.seed + layer,
-                                    get_module(model, path).weight.device)
+            device = get_module(model, path).weight.device
             t1 = time.perf_counter()
-            report = train_adapter(adapter, keys, rep)
+            adapter, report = train_with_mined_kin(
+                keys, rep, lambda: fresh_adapter(keys.positives.shape[-1], rep.rank, rep, pert.seed + layer, device))
             report.seconds_keys = t_keys
             report.seconds_train = time.perf_counter() - t1
             report.seconds_per_step = report.seconds_train / max(1, report.steps)

@@ -83,6 +83,9 @@ class REPConfig:
     # this many names of the subject's kind, sampled from the model itself (a list continued after the
     # old fact: "BMW E31" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
     kin_negatives: int = 0
+    # with kin_negatives: train once without the names, keep only those the gate then fires on, and
+    # train a fresh adapter with them (the others would only tighten the gate around the positives)
+    kin_mine: bool = False
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value over the in-domain variant prompts as well (ROME's v*
     # for ROME, R-ROME and EMMET, MEMIT's z); see rep_easyedit/robust_value.py

@@ -1,0 +1,92 @@
+"""Does REP's gate fire inside the answer? Keys of `prompt + target_new` at the target's tokens.
+
+Teacher-forced token accuracy (zsRE, EasyEdit's `rewrite_acc`) reads every target token with the
+earlier ones in the input. Where `target_new` repeats a token of the subject ("Deportivo Garcilaso"
+→ "Estadio Municipal Garcilaso"), the gate trained on the subject's last tokens may fire there and
+pull that token's key onto k*. No edit is made: the adapters are fitted as a REP edit fits them
+(lower layers installed while upper keys are read) and the gate is read at each target token.
+
+    OMP_NUM_THREADS=1 python benchmarks/lab/probe_target_fire.py --alg REP-MEMIT --data data/zsre_dev.json \
+        --cases 0-49 --out benchmarks/results/probe_target_fire/smollm2_zsre_memit.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from probe_gate import ROOT, keys_at
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alg", default="REP-MEMIT")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=str(ROOT / "data/zsre_dev.json"))
+    ap.add_argument("--cases", default="0-49", help="range a-b of data indices")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from rep_easyedit.backends import get_backend, templates_keyed_by_model
+    from rep_easyedit.compat.easyedit import shims_applied
+    from rep_easyedit.core.devices import padding_side
+    from rep_easyedit.core.pathway import pathway_installed
+    from rep_easyedit.core.perturbations import build_perturbations
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.editing import load_hparams
+    from rep_easyedit.eval.datasets import load_records
+    from rep_easyedit.eval.runner import edit_request
+    from rep_easyedit.model_loading import load_model_and_tokenizer
+    from rep_easyedit.rep_main import edited_module_paths, fit_adapters
+
+    hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
+    a, b = (int(x) for x in args.cases.split("-"))
+    records = load_records(args.data, metrics=("success",))[a:b + 1]
+    model, tok = load_model_and_tokenizer(hp.model_name)
+    backend = get_backend(hp.backend_name)
+    base_hp = hp.backend_hparams(backend)
+    paths = edited_module_paths(model, base_hp)
+    rep = hp.rep
+    corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(l)["case_id"] for l in out.read_text().splitlines()} if out.exists() else set()
+
+    with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
+        torch.manual_seed(0)
+        templates = backend.context_templates(model, tok, base_hp)
+        for offset, record in enumerate(records):
+            if record["case_id"] in done:
+                continue
+            request = edit_request(record)
+            pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=rep.n_long_contexts,
+                                       long_tokens=rep.long_context_tokens, base_seed=rep.seed)
+            fitted = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus,
+                                  negatives_cache=getattr(base_hp, "stats_dir", None))
+            prompt, target = request["prompt"], request["target_new"]
+            n_prompt = len(tok(prompt)["input_ids"])
+            ids = tok(prompt + " " + target)["input_ids"]
+            subject_ids = set(tok(" " + request["subject"], add_special_tokens=False)["input_ids"]) | \
+                set(tok(request["subject"], add_special_tokens=False)["input_ids"])
+            row = {"index": a + offset, "case_id": record["case_id"], "subject": request["subject"],
+                   "target_new": target, "target_tokens": [tok.decode([i]) for i in ids[n_prompt:]],
+                   "shares_subject_token": [i in subject_ids for i in ids[n_prompt:]], "gate": {}}
+            with contextlib.ExitStack() as lower:
+                for path, adapter, _report in fitted:
+                    adapter.eval()
+                    keys = keys_at(model, tok, path, [prompt + " " + target], [None])[0]
+                    with torch.no_grad():
+                        row["gate"][path] = [round(float(g), 4) for g in adapter.gate_prob(keys[n_prompt:]).squeeze(-1)]
+                    lower.enter_context(pathway_installed(model, path, adapter))
+            row["fires"] = any(g > rep.tau for gs in row["gate"].values() for g in gs)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(row["case_id"], row["subject"], "->", target, "fires" if row["fires"] else "")
+
+
+if __name__ == "__main__":
+    main()

@@ -128,6 +128,22 @@ def _variant_texts(request: dict, variants: list[str], templates: list[str], con
     return out
 
 
+def answer_texts(request: dict, variants: list[str]) -> list[tuple[str, int]]:
+    """(the edit prompt with each trained variant, then " " and `target_new`; where the answer starts).
+
+    Teacher-forced scoring and free answers read the answer's tokens with the prompt before them.
+    Where the answer repeats a token of the subject ("Deportivo Garcilaso" → "Estadio Municipal
+    Garcilaso"), a gate trained on the subject's last tokens fires there and the edit's value lands
+    inside the answer (`rep.answer_negatives`)."""
+    prompt, subject = _prompt_filled(request), request["subject"]
+    answer = str(request["target_new"]).strip()
+    out = []
+    for variant in variants:
+        prompt_v = with_subject(prompt, subject, variant)
+        out.append((f"{prompt_v} {answer}", len(prompt_v)))
+    return list(dict.fromkeys(out))
+
+
 def template_mean(subject_keys: torch.Tensor, template_groups: list[list[str]]) -> torch.Tensor:
     """k*: the subject's keys (one row per template, in group order) averaged within each group of
     templates, then over groups, as the backends average them."""
@@ -184,9 +200,10 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         kin = request_kin_names(model, tok, request, pert, rep)
     kin = [name for name in kin if name not in siblings + partials]
     hard_texts = _variant_texts(request, siblings + partials + kin, templates[:1], [])
+    answers = answer_texts(request, variants) if rep.answer_negatives else []
     slot: dict[tuple[str, int], int] = {}
     unique: list[tuple[str, int]] = []
-    for pair in pos_texts + target_texts + hard_texts:
+    for pair in pos_texts + target_texts + hard_texts + [(text, None) for text, _ in answers]:
         if pair not in slot:
             slot[pair] = len(unique)
             unique.append(pair)
@@ -241,6 +258,15 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
     negatives = torch.cat(parts) if parts else positives[:0]
     hard = flat.picked[torch.tensor([slot[p] for p in hard_texts], dtype=torch.long).to(device)] \
         if hard_texts else None
+    if answers:  # every token of the answer, after the non-kin hard negatives (the kin stay last)
+        rows = []
+        for text, answer_start in answers:
+            j = slot[(text, None)]
+            at = ((enc.offsets[j, :, 1] > answer_start) & enc.attention_mask[j].bool()).nonzero().squeeze(-1)
+            rows.append(starts[j] + at)
+        answer_keys = flat.tokens[torch.cat(rows).to(flat.tokens.device)].to(device)
+        n_other = len(hard_texts) - len(kin)
+        hard = answer_keys if hard is None else torch.cat([hard[:n_other], answer_keys, hard[n_other:]])
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
                   "corpus_negatives": corpus_source or "none", "kin_rows": len(kin)}

@@ -372,3 +372,30 @@ def test_stop_distance_ends_training_once_the_held_in_keys_are_close():
     assert reports[0.3].distance_after < 0.35 and reports[0.3].gate_pos_fire >= 0.95
     with pytest.raises(ValueError, match="stop_distance"):
         REPConfig(stop_distance=1.5).check()
+
+
+def test_answer_negatives_are_every_answer_token_after_each_trained_variant(tiny_model, tokenizer):
+    """`rep.answer_negatives`: the keys of target_new's tokens, read after the edit prompt with each
+    trained variant, are hard negatives (the gate must not fire inside the answer); off leaves the
+    keys as they were; they sit before the kin names, which `rep.kin_mine` reads from the end."""
+    from rep_easyedit.rep_main import answer_texts
+
+    key_cache.clear_memory()
+    req = dict(REQ, target_new="Ferrari Motors")  # the answer repeats the subject's first word
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    pert = build_perturbations(req, tokenizer, CORPUS, n_shuffles=3, n_long=0, long_tokens=24)
+    args = (tiny_model, tokenizer, req, pert, [["{}", "Once upon a time. {}"]], PATH)
+    plain = gather_training_keys(*args, base, CORPUS, np.random.default_rng(3))
+    got = gather_training_keys(*args, dataclasses.replace(base, answer_negatives=True), CORPUS,
+                               np.random.default_rng(3))
+    variants = training_variants(req, pert, base.train_on)
+    texts = answer_texts(req, variants)
+    assert [t for t, _ in texts][0] == "Ferrari F355 is produced by Ferrari Motors"
+    assert all(t[start:] == " Ferrari Motors" for t, start in texts)
+    n_answer = len(tokenizer(" Ferrari Motors", add_special_tokens=False)["input_ids"])
+    _, every = collect_keys_per_text(tiny_model, tokenizer, [t for t, _ in texts], PATH, [0] * len(texts),
+                                     all_tokens=True)
+    want = torch.cat([keys[-n_answer:] for keys in every])
+    assert plain.hard_negatives is None
+    assert got.hard_negatives.shape == want.shape and torch.allclose(got.hard_negatives.cpu(), want, **TOL)
+    assert torch.allclose(got.negatives, plain.negatives, **TOL) and torch.allclose(got.positives, plain.positives)

@@ -49,6 +49,10 @@ def rep_value(default, text: str):
     (`train_on=subject+rephrase+shuffle+long+forms`)."""
     if isinstance(default, list):
         return [item for item in text.split("+") if item]
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"a true/false field got {text!r}")
+        return text.lower() == "true"
     return type(default)(text)
 
 

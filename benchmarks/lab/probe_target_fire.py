@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from probe_gate import ROOT, keys_at
+from probe_gate import ROOT, keys_at, rep_value
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(ROOT / "data/zsre_dev.json"))
     ap.add_argument("--cases", default="0-49", help="range a-b of data indices")
+    ap.add_argument("--set", default="", help="rep fields for this run: field=value[,field=value]")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -50,7 +52,8 @@ def main() -> None:
     backend = get_backend(hp.backend_name)
     base_hp = hp.backend_hparams(backend)
     paths = edited_module_paths(model, base_hp)
-    rep = hp.rep
+    setting = dict(kv.split("=", 1) for kv in args.set.split(",")) if args.set else {}
+    rep = dataclasses.replace(hp.rep, **{k: rep_value(getattr(hp.rep, k), v) for k, v in setting.items()})
     corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ def main() -> None:
             ids = tok(prompt + " " + target)["input_ids"]
             subject_ids = set(tok(" " + request["subject"], add_special_tokens=False)["input_ids"]) | \
                 set(tok(request["subject"], add_special_tokens=False)["input_ids"])
-            row = {"index": a + offset, "case_id": record["case_id"], "subject": request["subject"],
+            row = {"index": a + offset, "case_id": record["case_id"], "set": setting, "subject": request["subject"],
                    "target_new": target, "target_tokens": [tok.decode([i]) for i in ids[n_prompt:]],
                    "shares_subject_token": [i in subject_ids for i in ids[n_prompt:]], "gate": {}}
             with contextlib.ExitStack() as lower:

@@ -86,6 +86,9 @@ class REPConfig:
     # with kin_negatives: train once without the names, keep only those the gate then fires on, and
     # train a fresh adapter with them (the others would only tighten the gate around the positives)
     kin_mine: bool = False
+    # the tokens of target_new after the edit prompt (with each trained variant) as gate negatives
+    # (hard): a gate that fires inside the answer puts the edit's value there (rep_main.answer_texts)
+    answer_negatives: bool = False
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value over the in-domain variant prompts as well (ROME's v*
     # for ROME, R-ROME and EMMET, MEMIT's z); see rep_easyedit/robust_value.py

@@ -10,8 +10,8 @@ weights and hooks are put back as they were before the call.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import copy as copy_module
+import dataclasses
 import logging
 import time
 from typing import Iterator
@@ -136,7 +136,8 @@ def answer_texts(request: dict, variants: list[str]) -> list[tuple[str, int]]:
     Garcilaso"), a gate trained on the subject's last tokens fires there and the edit's value lands
     inside the answer (`rep.answer_negatives`)."""
     prompt, subject = _prompt_filled(request), request["subject"]
-    answer = str(request["target_new"]).strip()
+    target = request["target_new"]
+    answer = str(target.get("str", "") if isinstance(target, dict) else target).strip()  # {"str": ...}: ROME style
     out = []
     for variant in variants:
         prompt_v = with_subject(prompt, subject, variant)

@@ -88,17 +88,45 @@ def probe_setup(alg: str, model_name: str, data: str | None, cases: str):
     """(hparams, [(dev index, record)] for a..b, model, tokenizer, backend, backend hparams, edited module paths)."""
     from rep_easyedit.backends import get_backend
     from rep_easyedit.editing import load_hparams
+    from rep_easyedit.eval.datasets import load_records
     from rep_easyedit.model_loading import load_model_and_tokenizer
     from rep_easyedit.rep_main import edited_module_paths
 
     hp = load_hparams(ROOT / f"hparams/{alg}/{model_name}.yaml")
     data = data or str(ROOT / f"data/counterfact_{model_name.split('-')[0]}_dev.json")
     a, b = (int(x) for x in cases.split("-"))
-    records = list(zip(range(a, b + 1), json.loads(Path(data).read_text())[a:b + 1]))
+    # any format the runner reads (CounterFact dev files come back as they are; zsRE is normalised)
+    records = list(zip(range(a, b + 1), load_records(data, metrics=("success",))[a:b + 1]))
     model, tok = load_model_and_tokenizer(hp.model_name)
     backend = get_backend(hp.backend_name)
     base_hp = hp.backend_hparams(backend)
     return hp, records, model, tok, backend, base_hp, edited_module_paths(model, base_hp)
+
+
+def probe_cases(rep, records, model, tok, backend, base_hp, out: Path):
+    """(dev index, record, request, perturbations, templates) for each case `out` does not hold yet,
+    inside the setting every probe reads keys in: right padding, EasyEdit's shims, the backend's
+    context templates (drawn once, seeded as the runner's first edit draws them)."""
+    from rep_easyedit.backends import templates_keyed_by_model
+    from rep_easyedit.compat.easyedit import shims_applied
+    from rep_easyedit.core.devices import padding_side
+    from rep_easyedit.core.perturbations import build_perturbations
+    from rep_easyedit.corpus import load_corpus
+    from rep_easyedit.eval.runner import edit_request
+
+    corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(l)["case_id"] for l in out.read_text().splitlines()} if out.exists() else set()
+    with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
+        torch.manual_seed(0)
+        templates = backend.context_templates(model, tok, base_hp)
+        for idx, record in records:
+            if record["case_id"] in done:
+                continue
+            request = edit_request(record)
+            pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=rep.n_long_contexts,
+                                       long_tokens=rep.long_context_tokens, base_seed=rep.seed)
+            yield idx, record, request, pert, templates, corpus
 
 
 def main() -> None:

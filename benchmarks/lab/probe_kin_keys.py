@@ -33,62 +33,45 @@ def main() -> None:
     args = ap.parse_args()
 
     import rep_easyedit  # noqa: F401
-    from rep_easyedit.backends import templates_keyed_by_model
-    from rep_easyedit.compat.easyedit import shims_applied
-    from rep_easyedit.core.devices import padding_side
     from rep_easyedit.core.keys import subject_last_indices
-    from rep_easyedit.core.perturbations import build_perturbations, with_subject
-    from rep_easyedit.corpus import load_corpus
-    from rep_easyedit.eval.runner import edit_request
+    from rep_easyedit.core.perturbations import with_subject
     from rep_easyedit.rep_main import request_kin_names
 
-    from probe_gate import edit_direction, keys_at, probe_setup  # run as a script, its folder is on sys.path
+    from probe_gate import edit_direction, keys_at, probe_cases, probe_setup  # run as a script, its folder is on sys.path
 
     hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, None, args.cases)
     layer, path = next(iter(paths.items()))
     rep = dataclasses.replace(hp.rep, kin_negatives=args.kin)
-    corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(l)["case_id"] for l in out.read_text().splitlines()} if out.exists() else set()
-
-    with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
-        torch.manual_seed(0)
-        templates = backend.context_templates(model, tok, base_hp)
-        for idx, record in records:
-            if record["case_id"] in done:
+    for idx, record, request, pert, templates, _corpus in probe_cases(rep, records, model, tok, backend, base_hp, out):
+        prompt, subject = request["prompt"], request["subject"]
+        start = prompt.index(subject)
+        kin = request_kin_names(model, tok, request, pert, rep)
+        u = edit_direction(model, tok, request, templates, path, base_hp, layer)
+        groups = {"in_reph": pert.rephrase_in, "in_shuf": pert.shuffle_in, "out_reph": pert.rephrase_out,
+                  "out_shuf": pert.shuffle_out, "kin": kin, "subject": [subject]}
+        keys = {}
+        for name, variants in groups.items():
+            texts = [with_subject(prompt, subject, v) for v in variants]
+            positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
+            keys[name] = torch.cat(keys_at(model, tok, path, texts, positions)) if texts else None
+        k_star = keys["subject"][0].float()
+        cos = lambda k: torch.nn.functional.cosine_similarity(k.float(), k_star[None], dim=1)  # noqa: E731
+        row = {"index": idx, "case_id": record["case_id"], "subject": subject, "kin": kin}
+        for name in ("in_reph", "in_shuf", "out_reph", "out_shuf", "kin"):
+            k = keys[name]
+            if k is None:
                 continue
-            request = edit_request(record)
-            prompt, subject = request["prompt"], request["subject"]
-            start = prompt.index(subject)
-            pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=rep.n_long_contexts,
-                                       long_tokens=rep.long_context_tokens, base_seed=rep.seed)
-            kin = request_kin_names(model, tok, request, pert, rep)
-            u = edit_direction(model, tok, request, templates, path, base_hp, layer)
-            groups = {"in_reph": pert.rephrase_in, "in_shuf": pert.shuffle_in, "out_reph": pert.rephrase_out,
-                      "out_shuf": pert.shuffle_out, "kin": kin, "subject": [subject]}
-            keys = {}
-            for name, variants in groups.items():
-                texts = [with_subject(prompt, subject, v) for v in variants]
-                positions, _ = subject_last_indices(tok, texts, [start + len(v) for v in variants])
-                keys[name] = torch.cat(keys_at(model, tok, path, texts, positions)) if texts else None
-            k_star = keys["subject"][0].float()
-            cos = lambda k: torch.nn.functional.cosine_similarity(k.float(), k_star[None], dim=1)  # noqa: E731
-            row = {"index": idx, "case_id": record["case_id"], "subject": subject, "kin": kin}
-            for name in ("in_reph", "in_shuf", "out_reph", "out_shuf", "kin"):
-                k = keys[name]
-                if k is None:
-                    continue
-                row[f"{name}_cos"] = [round(x, 3) for x in cos(k).tolist()]
-                row[f"{name}_share"] = [round(x, 3) for x in (k.float() @ u).tolist()]
-            if keys["kin"] is not None:
-                pos = torch.cat([keys["in_reph"], keys["in_shuf"]]).float()
-                pn = torch.nn.functional.normalize(pos, dim=1)
-                kn = torch.nn.functional.normalize(keys["kin"].float(), dim=1)
-                row["kin_nearest_in_cos"] = [round(x, 3) for x in (kn @ pn.T).max(1).values.tolist()]
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("case_id", "subject", "kin")}), flush=True)
+            row[f"{name}_cos"] = [round(x, 3) for x in cos(k).tolist()]
+            row[f"{name}_share"] = [round(x, 3) for x in (k.float() @ u).tolist()]
+        if keys["kin"] is not None:
+            pos = torch.cat([keys["in_reph"], keys["in_shuf"]]).float()
+            pn = torch.nn.functional.normalize(pos, dim=1)
+            kn = torch.nn.functional.normalize(keys["kin"].float(), dim=1)
+            row["kin_nearest_in_cos"] = [round(x, 3) for x in (kn @ pn.T).max(1).values.tolist()]
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("case_id", "subject", "kin")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from probe_gate import ROOT, keys_at, rep_value
+from probe_gate import ROOT, keys_at, probe_cases, probe_setup, rep_value
 
 
 def main() -> None:
@@ -33,62 +33,35 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from rep_easyedit.backends import get_backend, templates_keyed_by_model
-    from rep_easyedit.compat.easyedit import shims_applied
-    from rep_easyedit.core.devices import padding_side
     from rep_easyedit.core.pathway import pathway_installed
-    from rep_easyedit.core.perturbations import build_perturbations
-    from rep_easyedit.corpus import load_corpus
-    from rep_easyedit.editing import load_hparams
-    from rep_easyedit.eval.datasets import load_records
-    from rep_easyedit.eval.runner import edit_request
-    from rep_easyedit.model_loading import load_model_and_tokenizer
-    from rep_easyedit.rep_main import edited_module_paths, fit_adapters
+    from rep_easyedit.rep_main import fit_adapters
 
-    hp = load_hparams(ROOT / f"hparams/{args.alg}/{args.model}.yaml")
-    a, b = (int(x) for x in args.cases.split("-"))
-    records = load_records(args.data, metrics=("success",))[a:b + 1]
-    model, tok = load_model_and_tokenizer(hp.model_name)
-    backend = get_backend(hp.backend_name)
-    base_hp = hp.backend_hparams(backend)
-    paths = edited_module_paths(model, base_hp)
+    hp, records, model, tok, backend, base_hp, paths = probe_setup(args.alg, args.model, args.data, args.cases)
     setting = dict(kv.split("=", 1) for kv in args.set.split(",")) if args.set else {}
     rep = dataclasses.replace(hp.rep, **{k: rep_value(getattr(hp.rep, k), v) for k, v in setting.items()})
-    corpus = load_corpus(rep.corpus, model, tok, seed=rep.seed)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(l)["case_id"] for l in out.read_text().splitlines()} if out.exists() else set()
-
-    with padding_side(tok, "right"), shims_applied(), templates_keyed_by_model(model, backend):
-        torch.manual_seed(0)
-        templates = backend.context_templates(model, tok, base_hp)
-        for offset, record in enumerate(records):
-            if record["case_id"] in done:
-                continue
-            request = edit_request(record)
-            pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=rep.n_long_contexts,
-                                       long_tokens=rep.long_context_tokens, base_seed=rep.seed)
-            fitted = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus,
-                                  negatives_cache=getattr(base_hp, "stats_dir", None))
-            prompt, target = request["prompt"], request["target_new"]
-            n_prompt = len(tok(prompt)["input_ids"])
-            ids = tok(prompt + " " + target)["input_ids"]
-            subject_ids = set(tok(" " + request["subject"], add_special_tokens=False)["input_ids"]) | \
-                set(tok(request["subject"], add_special_tokens=False)["input_ids"])
-            row = {"index": a + offset, "case_id": record["case_id"], "set": setting, "subject": request["subject"],
-                   "target_new": target, "target_tokens": [tok.decode([i]) for i in ids[n_prompt:]],
-                   "shares_subject_token": [i in subject_ids for i in ids[n_prompt:]], "gate": {}}
-            with contextlib.ExitStack() as lower:
-                for path, adapter, _report in fitted:
-                    adapter.eval()
-                    keys = keys_at(model, tok, path, [prompt + " " + target], [None])[0]
-                    with torch.no_grad():
-                        row["gate"][path] = [round(float(g), 4) for g in adapter.gate_prob(keys[n_prompt:]).squeeze(-1)]
-                    lower.enter_context(pathway_installed(model, path, adapter))
-            row["fires"] = any(g > rep.tau for gs in row["gate"].values() for g in gs)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(row["case_id"], row["subject"], "->", target, "fires" if row["fires"] else "")
+    for idx, record, request, pert, templates, corpus in probe_cases(rep, records, model, tok, backend, base_hp, out):
+        fitted = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus,
+                              negatives_cache=getattr(base_hp, "stats_dir", None))
+        prompt, target = request["prompt"], request["target_new"]
+        n_prompt = len(tok(prompt)["input_ids"])
+        ids = tok(prompt + " " + target)["input_ids"]
+        subject_ids = set(tok(" " + request["subject"], add_special_tokens=False)["input_ids"]) | \
+            set(tok(request["subject"], add_special_tokens=False)["input_ids"])
+        row = {"index": idx, "case_id": record["case_id"], "set": setting, "subject": request["subject"],
+               "target_new": target, "target_tokens": [tok.decode([i]) for i in ids[n_prompt:]],
+               "shares_subject_token": [i in subject_ids for i in ids[n_prompt:]], "gate": {}}
+        with contextlib.ExitStack() as lower:
+            for path, adapter, _report in fitted:
+                adapter.eval()
+                keys = keys_at(model, tok, path, [prompt + " " + target], [None])[0]
+                with torch.no_grad():
+                    row["gate"][path] = [round(float(g), 4) for g in adapter.gate_prob(keys[n_prompt:]).squeeze(-1)]
+                lower.enter_context(pathway_installed(model, path, adapter))
+        row["fires"] = any(g > rep.tau for gs in row["gate"].values() for g in gs)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(row["case_id"], row["subject"], "->", target, "fires" if row["fires"] else "")
 
 
 if __name__ == "__main__":

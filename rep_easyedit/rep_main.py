@@ -270,17 +270,17 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
         hard = answer_keys if hard is None else torch.cat([hard[:n_other], answer_keys, hard[n_other:]])
     collection = {"texts": collect_stats.texts, "forwards": collect_stats.forwards,
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
-                  "corpus_negatives": corpus_source or "none", "kin_rows": len(kin)}
+                  "corpus_negatives": corpus_source or "none"}
     return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection,
-                        hard_negatives=hard)
+                        hard_negatives=hard, kin_rows=len(kin))
 
 
 def train_with_mined_kin(keys: TrainingKeys, rep, make_adapter):
     """(adapter, report). With `rep.kin_mine`, the sampled names of the subject's kind (the last
-    `kin_rows` hard negatives) are first left out; the names the gate trained without them fires on
+    `keys.kin_rows` hard negatives) are first left out; the names the gate trained without them fires on
     are kept as hard negatives and a fresh adapter trains with those (steps of both runs reported).
     Otherwise, one adapter trained on `keys` as they are."""
-    n_kin = int((keys.collection or {}).get("kin_rows", 0))
+    n_kin = keys.kin_rows
     adapter = make_adapter()
     if not (rep.kin_mine and n_kin and keys.hard_negatives is not None):
         return adapter, train_adapter(adapter, keys, rep)

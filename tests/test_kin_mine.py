@@ -18,8 +18,7 @@ def _keys(seed=0):
     neg = 3 * torch.randn(400, DIM, generator=g)
     near = k_star + torch.randn(3, DIM, generator=g)      # kin names the gate would take for the subject
     far = -k_star + torch.randn(5, DIM, generator=g)      # kin names it rejects anyway
-    return TrainingKeys(pos, neg, k_star, hard_negatives=torch.cat([near, far]),
-                        collection={"kin_rows": 8})
+    return TrainingKeys(pos, neg, k_star, hard_negatives=torch.cat([near, far]), kin_rows=8)
 
 
 def _same(a, b):
@@ -45,7 +44,7 @@ def test_the_kept_names_are_those_the_gate_fires_on_and_a_fresh_adapter_trains_o
 
 def test_no_name_fires_keeps_the_first_adapter_and_off_trains_on_every_name():
     keys = _keys()
-    keys = dataclasses.replace(keys, hard_negatives=keys.hard_negatives[3:], collection={"kin_rows": 5})
+    keys = dataclasses.replace(keys, hard_negatives=keys.hard_negatives[3:], kin_rows=5)
     rep = REPConfig(kin_negatives=5, kin_mine=True)
     make = lambda: fresh_adapter(DIM, rep.rank, rep, 7, "cpu")  # noqa: E731
     adapter, _ = train_with_mined_kin(keys, rep, make)

@@ -46,7 +46,11 @@ def keys_at(model, tok, path, texts, positions):
 
 def rep_value(default, text: str):
     """A --set value as the field's type; a list field takes its items joined by "+"
-    (`train_on=subject+rephrase+shuffle+long+forms`)."""
+    (`train_on=subject+rephrase+shuffle+long+forms`); a field whose default is None reads it as YAML."""
+    if default is None:
+        import yaml
+
+        return yaml.safe_load(text)
     if isinstance(default, list):
         return [item for item in text.split("+") if item]
     if isinstance(default, bool):

@@ -278,8 +278,7 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
 def train_with_mined_kin(keys: TrainingKeys, rep, make_adapter):
     """(adapter, report). With `rep.kin_mine`, the sampled names of the subject's kind (the last
     `keys.kin_rows` hard negatives) are first left out; the names the gate trained without them fires on
-    are kept as hard negatives and a fresh adapter trains with those (steps of both runs reported);
-    "fires on": gate probability above `rep.kin_mine_threshold` (τ when None).
+    are kept as hard negatives and a fresh adapter trains with those (steps of both runs reported).
     Otherwise, one adapter trained on `keys` as they are."""
     n_kin = keys.kin_rows
     adapter = make_adapter()
@@ -288,8 +287,7 @@ def train_with_mined_kin(keys: TrainingKeys, rep, make_adapter):
     others, kin = keys.hard_negatives[:-n_kin], keys.hard_negatives[-n_kin:]
     first = train_adapter(adapter, dataclasses.replace(keys, hard_negatives=others if len(others) else None), rep)
     with torch.no_grad():
-        threshold = adapter.tau if rep.kin_mine_threshold is None else rep.kin_mine_threshold
-        firing = kin[adapter.gate_prob(kin).squeeze(-1) > threshold]
+        firing = kin[adapter.gate_prob(kin).squeeze(-1) > adapter.tau]
     if not len(firing):
         return adapter, first
     adapter = make_adapter()

@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import pytest
 import torch
 
 from rep_easyedit.core.config import REPConfig
@@ -58,15 +57,3 @@ def test_no_name_fires_keeps_the_first_adapter_and_off_trains_on_every_name():
     every = make()
     train_adapter(every, keys, off)
     assert _same(adapter, every)
-
-
-def test_a_threshold_of_zero_keeps_every_name_and_a_bad_one_is_refused():
-    keys = _keys()
-    rep = REPConfig(kin_negatives=8, kin_mine=True, kin_mine_threshold=0.0)
-    make = lambda: fresh_adapter(DIM, rep.rank, rep, 7, "cpu")  # noqa: E731
-    adapter, _ = train_with_mined_kin(keys, rep, make)
-    every = make()
-    train_adapter(every, keys, rep)
-    assert _same(adapter, every)
-    with pytest.raises(ValueError, match="kin_mine_threshold"):
-        REPConfig(kin_mine_threshold=1.0).check()

@@ -86,8 +86,6 @@ class REPConfig:
     # with kin_negatives: train once without the names, keep only those the gate then fires on, and
     # train a fresh adapter with them (the others would only tighten the gate around the positives)
     kin_mine: bool = False
-    # the first gate's probability above which a name counts as fired on (kept); None = rep.tau
-    kin_mine_threshold: Optional[float] = None
     # the tokens of target_new after the edit prompt (with each trained variant) as gate negatives
     # (hard): a gate that fires inside the answer puts the edit's value there (rep_main.answer_texts)
     answer_negatives: bool = False
@@ -144,9 +142,6 @@ class REPConfig:
                      "merge_negatives_per_edit", "merge_steps"):
             if getattr(self, name) < 0 or (name == "rank" and self.rank == 0):
                 raise ValueError(f"rep.{name} must be positive, got {getattr(self, name)}")
-        if self.kin_mine_threshold is not None and not 0.0 <= self.kin_mine_threshold < 1.0:
-            raise ValueError(f"rep.kin_mine_threshold: a gate probability in [0, 1) or null (= rep.tau), "
-                             f"got {self.kin_mine_threshold}")
         if self.partial_negatives < -1:
             raise ValueError(f"rep.partial_negatives: -1 (off), 0 (prefixes only) or more, got {self.partial_negatives}")
         if self.value_anchors < 0 or self.value_anchor_weight < 0 or self.value_anchor_max_share < 0:

@@ -272,26 +272,36 @@ def gather_training_keys(model, tok, request: dict, pert: Perturbations, templat
                   "tokens": collect_stats.tokens, "padded_tokens": collect_stats.padded_tokens,
                   "corpus_negatives": corpus_source or "none"}
     return TrainingKeys(positives=positives, negatives=negatives, target=target, collection=collection,
-                        hard_negatives=hard, kin_rows=len(kin))
+                        hard_negatives=hard, kin_rows=len(kin), answer_rows=len(answer_keys) if answers else 0)
 
 
-def train_with_mined_kin(keys: TrainingKeys, rep, make_adapter):
-    """(adapter, report). With `rep.kin_mine`, the sampled names of the subject's kind (the last
-    `keys.kin_rows` hard negatives) are first left out; the names the gate trained without them fires on
-    are kept as hard negatives and a fresh adapter trains with those (steps of both runs reported).
-    Otherwise, one adapter trained on `keys` as they are."""
-    n_kin = keys.kin_rows
+def train_with_mined_negatives(keys: TrainingKeys, rep, make_adapter):
+    """(adapter, report). Candidate hard negatives are rows the gate may or may not fire on: the sampled
+    names of the subject's kind (the last `keys.kin_rows` hard negatives) with `rep.kin_mine`, and the
+    answer's tokens (the `keys.answer_rows` before them) with `rep.answer_mine`. A first adapter trains
+    without the candidates; those its gate fires on are kept as hard negatives and a fresh adapter
+    trains with them (steps of both runs reported). Otherwise, one adapter trained on `keys` as they are."""
+    hard = keys.hard_negatives
+    n_hard = 0 if hard is None else len(hard)
+    candidate = torch.zeros(n_hard, dtype=torch.bool)
+    if rep.kin_mine and keys.kin_rows:
+        candidate[n_hard - keys.kin_rows:] = True
+    if rep.answer_mine and keys.answer_rows:
+        candidate[n_hard - keys.kin_rows - keys.answer_rows:n_hard - keys.kin_rows] = True
     adapter = make_adapter()
-    if not (rep.kin_mine and n_kin and keys.hard_negatives is not None):
+    if not candidate.any():
         return adapter, train_adapter(adapter, keys, rep)
-    others, kin = keys.hard_negatives[:-n_kin], keys.hard_negatives[-n_kin:]
+    candidate = candidate.to(hard.device)
+    others, candidates = hard[~candidate], hard[candidate]
     first = train_adapter(adapter, dataclasses.replace(keys, hard_negatives=others if len(others) else None), rep)
     with torch.no_grad():
-        firing = kin[adapter.gate_prob(kin).squeeze(-1) > adapter.tau]
-    if not len(firing):
+        fired = adapter.gate_prob(candidates).squeeze(-1) > adapter.tau
+    if not fired.any():
         return adapter, first
+    kept = candidate.clone()
+    kept[candidate] = fired  # the fired candidates, in their places among the other hard negatives
     adapter = make_adapter()
-    report = train_adapter(adapter, dataclasses.replace(keys, hard_negatives=torch.cat([others, firing])), rep)
+    report = train_adapter(adapter, dataclasses.replace(keys, hard_negatives=hard[~candidate | kept]), rep)
     report.steps += first.steps
     return adapter, report
 
@@ -347,7 +357,7 @@ def fit_adapters(model, tok, request: dict, pert: Perturbations, template_groups
             t_keys = time.perf_counter() - t0 + (0.0 if fitted else t_kin)  # sampling the names counts once
             device = get_module(model, path).weight.device
             t1 = time.perf_counter()
-            adapter, report = train_with_mined_kin(
+            adapter, report = train_with_mined_negatives(
                 keys, rep, lambda: fresh_adapter(keys.positives.shape[-1], rep.rank, rep, pert.seed + layer, device))
             report.seconds_keys = t_keys
             report.seconds_train = time.perf_counter() - t1

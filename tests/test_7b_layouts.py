@@ -88,7 +88,7 @@ def test_the_default_recipe_yamls_carry_no_per_model_rep_tuning():
     defaults = dataclasses.asdict(rep_easyedit.REPConfig())
     # a -value.yaml preset adds only the measured value-fit settings to the default recipe
     value_fit = {"value_on_variants", "value_variant_templates", "value_anchors", "value_anchor_weight",
-                 "value_anchor_max_share", "kin_negatives"}
+                 "value_anchor_max_share", "kin_negatives", "kin_mine", "answer_negatives"}
     for path in sorted((REPO / "hparams").glob("REP-*/*.yaml")):
         if path.stem.endswith("-paper"):
             continue

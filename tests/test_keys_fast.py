@@ -208,7 +208,8 @@ def test_sibling_negatives_are_the_siblings_subject_keys(tiny_model, tokenizer):
 
     key_cache.clear_memory()
     corpus = CORPUS + ["Maranello Review and Modena Gazette met Enzo at Fiorano."]
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
+                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
     pert = build_perturbations(dict(REQ), tokenizer, corpus, n_shuffles=3, n_long=0, long_tokens=24)
     groups = [["{}", "Once upon a time. {}"]]
     args = (tiny_model, tokenizer, dict(REQ), pert, groups, PATH)
@@ -314,7 +315,8 @@ def test_partial_negatives_are_the_subjects_own_tokens_but_not_all(tiny_model, t
     assert len(tokenizer("Paris", add_special_tokens=False)["input_ids"]) == 1
     assert partial_subjects(tokenizer, "Paris", 6, np.random.default_rng(0)) == []   # nothing to leave out
 
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
+                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
     pert = build_perturbations(dict(REQ), tokenizer, CORPUS, n_shuffles=3, n_long=0, long_tokens=24)
     args = (tiny_model, tokenizer, dict(REQ), pert, [["{}", "Once upon a time. {}"]], PATH)
     plain = gather_training_keys(*args, base, CORPUS, np.random.default_rng(3))
@@ -382,7 +384,8 @@ def test_answer_negatives_are_every_answer_token_after_each_trained_variant(tiny
 
     key_cache.clear_memory()
     req = dict(REQ, target_new="Ferrari Motors")  # the answer repeats the subject's first word
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
+                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
     pert = build_perturbations(req, tokenizer, CORPUS, n_shuffles=3, n_long=0, long_tokens=24)
     args = (tiny_model, tokenizer, req, pert, [["{}", "Once upon a time. {}"]], PATH)
     plain = gather_training_keys(*args, base, CORPUS, np.random.default_rng(3))
@@ -398,4 +401,5 @@ def test_answer_negatives_are_every_answer_token_after_each_trained_variant(tiny
     want = torch.cat([keys[-n_answer:] for keys in every])
     assert plain.hard_negatives is None
     assert got.hard_negatives.shape == want.shape and torch.allclose(got.hard_negatives.cpu(), want, **TOL)
+    assert got.answer_rows == len(want) and got.kin_rows == 0  # what rep.answer_mine mines
     assert torch.allclose(got.negatives, plain.negatives, **TOL) and torch.allclose(got.positives, plain.positives)

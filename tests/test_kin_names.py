@@ -84,7 +84,8 @@ def test_kin_names_are_hard_negatives_keyed_at_their_last_token(tiny_model, toke
     """Each name stands in the edit prompt in the subject's place and its last token's key is a hard
     negative; every other key stays as without them; off (0) samples nothing."""
     key_cache.clear_memory()
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40)
+    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
+                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
     pert = build_perturbations(dict(REQ), tokenizer, [], n_shuffles=3, n_long=0, long_tokens=24)
     groups = [["{}", "Once upon a time. {}"]]
     args = (tiny_model, tokenizer, dict(REQ), pert, groups, PATH)
@@ -136,7 +137,7 @@ def test_kin_names_keep_the_gate_off_the_demo_cases_neighbours(real_model, dev_c
         torch.manual_seed(0)
         templates = backend.context_templates(model, tok, base_hp)
         for n in (0, 8):
-            rep = dataclasses.replace(hp.rep, kin_negatives=n)
+            rep = dataclasses.replace(hp.rep, kin_negatives=n, kin_mine=False, answer_negatives=False)  # every name
             pert = build_perturbations(request, tok, corpus, n_shuffles=rep.n_shuffles, n_long=rep.n_long_contexts,
                                        long_tokens=rep.long_context_tokens, base_seed=rep.seed)
             (path, adapter, report), = fit_adapters(model, tok, dict(request), pert, templates, paths, rep, corpus)

@@ -89,6 +89,9 @@ class REPConfig:
     # the tokens of target_new after the edit prompt (with each trained variant) as gate negatives
     # (hard): a gate that fires inside the answer puts the edit's value there (rep_main.answer_texts)
     answer_negatives: bool = False
+    # with answer_negatives: keep only the answer's tokens the gate trained without them fires on (as
+    # kin_mine does with the names); every answer token as a negative tightens the gate everywhere
+    answer_mine: bool = False
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value over the in-domain variant prompts as well (ROME's v*
     # for ROME, R-ROME and EMMET, MEMIT's z); see rep_easyedit/robust_value.py

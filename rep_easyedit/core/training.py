@@ -34,6 +34,7 @@ class TrainingKeys:
     collection: dict | None = None  # what collecting them cost: texts, forwards, tokens, padded tokens
     hard_negatives: torch.Tensor | None = None  # [H, D] negatives weighted as a group of their own
     kin_rows: int = 0  # how many of the hard negatives, at the end, are names of the subject's kind
+    answer_rows: int = 0  # how many, just before those, are the answer's tokens (rep.answer_negatives)
 
     def edit_keys(self) -> torch.Tensor:
         """[G, D]: the distinct edit keys, which the consistency loss keeps in place."""

@@ -15,6 +15,12 @@ TRAIN_ON_CHOICES = ("subject", "rephrase", "shuffle", "long")
 CHANGED_DEFAULTS: dict = {
     "steps": 200,               # -> 120: capping at 120 left every probed score where 200 put it (docs/results.md)
     "screen_negatives": 0.0,    # -> 1e-3: the same scores in 0.4-0.7 x the training time
+    # -> on, the candidate hard negatives mined (docs/results.md "The default recipe"): names of the
+    # subject's kind and the answer's tokens, kept where a first gate fires on them
+    "kin_negatives": 0,         # -> 8
+    "kin_mine": False,          # -> True
+    "answer_negatives": False,  # -> True
+    "answer_mine": False,       # -> True
 }
 
 
@@ -82,16 +88,16 @@ class REPConfig:
     partial_negatives: int = -1
     # this many names of the subject's kind, sampled from the model itself (a list continued after the
     # old fact: "BMW E31" for "BMW E23"), as gate negatives (hard); 0 = off (core/kin_names.py)
-    kin_negatives: int = 0
+    kin_negatives: int = 8
     # with kin_negatives: train once without the names, keep only those the gate then fires on, and
     # train a fresh adapter with them (the others would only tighten the gate around the positives)
-    kin_mine: bool = False
+    kin_mine: bool = True
     # the tokens of target_new after the edit prompt (with each trained variant) as gate negatives
     # (hard): a gate that fires inside the answer puts the edit's value there (rep_main.answer_texts)
-    answer_negatives: bool = False
+    answer_negatives: bool = True
     # with answer_negatives: keep only the answer's tokens the gate trained without them fires on (as
     # kin_mine does with the names); every answer token as a negative tightens the gate everywhere
-    answer_mine: bool = False
+    answer_mine: bool = True
     train_on: List[str] = field(default_factory=lambda: ["subject", "rephrase", "shuffle", "long"])
     # beyond the paper: fit the backend's value over the in-domain variant prompts as well (ROME's v*
     # for ROME, R-ROME and EMMET, MEMIT's z); see rep_easyedit/robust_value.py

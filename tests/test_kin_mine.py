@@ -26,16 +26,22 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def _first_run(keys, hard, rep, make):
+    """The first adapter's report, trained with `hard` as its hard negatives, and where its gate fires
+    among all of `keys.hard_negatives`."""
+    first = make()
+    report = train_adapter(first, dataclasses.replace(keys, hard_negatives=hard), rep)
+    with torch.no_grad():
+        return report, first.gate_prob(keys.hard_negatives).squeeze(-1) > first.tau
+
+
 def test_the_kept_names_are_those_the_gate_fires_on_and_a_fresh_adapter_trains_on_them():
     keys = _keys()
     rep = REPConfig(kin_negatives=8, kin_mine=True)
     make = lambda: fresh_adapter(DIM, rep.rank, rep, 7, "cpu")  # noqa: E731
     adapter, report = train_with_mined_negatives(keys, rep, make)
 
-    first = make()
-    first_report = train_adapter(first, dataclasses.replace(keys, hard_negatives=None), rep)
-    with torch.no_grad():
-        fired = first.gate_prob(keys.hard_negatives).squeeze(-1) > first.tau
+    first_report, fired = _first_run(keys, None, rep, make)
     assert fired[:3].any() and not fired[3:].any()
     expected = make()
     second = train_adapter(expected, dataclasses.replace(keys, hard_negatives=keys.hard_negatives[fired]), rep)
@@ -74,10 +80,7 @@ def test_answer_tokens_and_kin_names_are_mined_together_and_other_hard_negatives
     make = lambda: fresh_adapter(DIM, rep.rank, rep, 7, "cpu")  # noqa: E731
     adapter, report = train_with_mined_negatives(keys, rep, make)
 
-    first = make()
-    first_report = train_adapter(first, dataclasses.replace(keys, hard_negatives=other), rep)
-    with torch.no_grad():
-        fired = first.gate_prob(keys.hard_negatives).squeeze(-1) > first.tau
+    first_report, fired = _first_run(keys, other, rep, make)
     assert fired[2:4].any() and fired[7:10].any()  # candidates on the subject's side fire
     expected = make()
     keep = fired.clone()

@@ -136,8 +136,7 @@ def answer_texts(request: dict, variants: list[str]) -> list[tuple[str, int]]:
     Garcilaso"), a gate trained on the subject's last tokens fires there and the edit's value lands
     inside the answer (`rep.answer_negatives`)."""
     prompt, subject = _prompt_filled(request), request["subject"]
-    target = request["target_new"]
-    answer = str(target.get("str", "") if isinstance(target, dict) else target).strip()  # {"str": ...}: ROME style
+    answer = request["target_new"].strip()  # a string: apply_rep_to_model validates requests first
     out = []
     for variant in variants:
         prompt_v = with_subject(prompt, subject, variant)

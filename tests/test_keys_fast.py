@@ -33,6 +33,12 @@ CORPUS = ["Some unrelated corpus text about rivers and mountains and the sea. " 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+
+def _one_hard_group_rep() -> REPConfig:
+    """A small recipe with no hard negative group on by default, so a test turns on the one it checks."""
+    return REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
+                     kin_negatives=0, answer_negatives=False)
+
 def test_buckets_cover_every_text_once_and_respect_the_budget():
     lengths = [3, 50, 4, 4, 200, 7, 3, 51]
     batches = length_buckets(lengths, token_budget=64)
@@ -208,8 +214,7 @@ def test_sibling_negatives_are_the_siblings_subject_keys(tiny_model, tokenizer):
 
     key_cache.clear_memory()
     corpus = CORPUS + ["Maranello Review and Modena Gazette met Enzo at Fiorano."]
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
-                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
+    base = _one_hard_group_rep()
     pert = build_perturbations(dict(REQ), tokenizer, corpus, n_shuffles=3, n_long=0, long_tokens=24)
     groups = [["{}", "Once upon a time. {}"]]
     args = (tiny_model, tokenizer, dict(REQ), pert, groups, PATH)
@@ -315,8 +320,7 @@ def test_partial_negatives_are_the_subjects_own_tokens_but_not_all(tiny_model, t
     assert len(tokenizer("Paris", add_special_tokens=False)["input_ids"]) == 1
     assert partial_subjects(tokenizer, "Paris", 6, np.random.default_rng(0)) == []   # nothing to leave out
 
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
-                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
+    base = _one_hard_group_rep()
     pert = build_perturbations(dict(REQ), tokenizer, CORPUS, n_shuffles=3, n_long=0, long_tokens=24)
     args = (tiny_model, tokenizer, dict(REQ), pert, [["{}", "Once upon a time. {}"]], PATH)
     plain = gather_training_keys(*args, base, CORPUS, np.random.default_rng(3))
@@ -384,8 +388,7 @@ def test_answer_negatives_are_every_answer_token_after_each_trained_variant(tiny
 
     key_cache.clear_memory()
     req = dict(REQ, target_new="Ferrari Motors")  # the answer repeats the subject's first word
-    base = REPConfig(n_shuffles=3, n_long_contexts=0, corpus_negative_texts=0, num_negatives=40,
-                     kin_negatives=0, answer_negatives=False)  # no hard group but the one under test
+    base = _one_hard_group_rep()
     pert = build_perturbations(req, tokenizer, CORPUS, n_shuffles=3, n_long=0, long_tokens=24)
     args = (tiny_model, tokenizer, req, pert, [["{}", "Once upon a time. {}"]], PATH)
     plain = gather_training_keys(*args, base, CORPUS, np.random.default_rng(3))
